@@ -1,0 +1,1 @@
+"""The ``avsiam`` command line: one program, one subcommand per task."""

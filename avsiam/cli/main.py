@@ -1,0 +1,45 @@
+"""Entry point of the ``avsiam`` console script.
+
+Each subcommand lives in its own module with ``register(subparsers)``, which adds the
+subcommand's parser and sets ``handler`` to the function that runs it. Library errors that
+describe bad input (configuration, formats, decoding) are printed as one clear message and
+exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from avsiam import __version__
+from avsiam.cli import data_commands, presets_command
+from avsiam.config import ConfigError
+from avsiam.data.formats import FormatError
+
+COMMANDS = (presets_command, data_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avsiam",
+        description="AVSiam training workflow: data staging, DeepSpeed training, evaluation, orchestration.",
+    )
+    parser.add_argument("--version", action="version", version=f"avsiam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, FormatError) as exc:
+        print(f"avsiam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
