@@ -50,7 +50,11 @@ def run_synth(args: argparse.Namespace) -> int:
     from avsiam.data.synthetic import generate_synthetic_dataset
 
     ds = generate_synthetic_dataset(args.out, args.classes, args.clips, multi_label=args.multi_label, seed=args.seed, workers=args.workers)
-    print(ds)
+    kind = "multi-label (AudioSet layout)" if ds.multi_label else "single-label (VGGSound layout)"
+    print(f"wrote {ds.num_clips} clips ({ds.num_train} train, {ds.num_test} test), {ds.num_classes} classes, {kind}")
+    print(f"videos: {ds.videos_dir}")
+    for path in ds.label_files:
+        print(f"labels: {path}")
     return 0
 
 
@@ -72,6 +76,6 @@ def run_stage(args: argparse.Namespace) -> int:
     print(f"splits: {splits}; classes: {manifest.num_classes} ({'multi' if manifest.multi_label else 'single'}-label)")
     print(f"manifest: {result.manifest_path}")
     print(f"dataset digest: {manifest.dataset_digest}")
-    for clip_id, source, reason in result.quarantined[:10]:
+    for clip_id, _source, reason in result.quarantined[:10]:
         print(f"  quarantined {clip_id}: {reason}")
     return 0

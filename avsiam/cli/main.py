@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from avsiam import __version__
-from avsiam.cli import data_commands, presets_command
+from avsiam.cli import data_commands, presets_command, train_commands
 from avsiam.config import ConfigError
 from avsiam.data.formats import FormatError
 
-COMMANDS = (presets_command, data_commands)
+COMMANDS = (presets_command, data_commands, train_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, FormatError) as exc:
+    except (ConfigError, FormatError, FileNotFoundError) as exc:
         print(f"avsiam {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

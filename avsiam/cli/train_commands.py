@@ -1,0 +1,92 @@
+"""``avsiam train pretrain|finetune`` and ``avsiam evaluate``.
+
+Without ``--nproc`` the command trains in this process: alone, or as one rank of a launcher
+that started it (torchrun, ``deepspeed``, srun: RANK/WORLD_SIZE/LOCAL_RANK in the
+environment). With ``--nproc N`` it checks its inputs, then runs the same command on N local
+ranks through the deepspeed launcher, supervised as one process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from avsiam.config import RECIPES, SIZES, resolve_recipe
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, choices=SIZES, help="model size")
+    p.add_argument("--data", required=True, type=Path, help="STAGED/manifest.json (from `avsiam stage`)")
+    p.add_argument("--output", required=True, type=Path, help="run folder (resumes from its checkpoint if it has one)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. epochs=1 max_steps=20 arch.depth=2")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="pretrain or finetune with DeepSpeed", description=__doc__)
+    stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    p = stages.add_parser("pretrain", help="contrastive + MAE pretraining", description=__doc__)
+    _common(p)
+    p.add_argument("--recipe", default="pretrain_as2m", choices=[r for r in RECIPES if r.startswith("pretrain")])
+    p.add_argument("--init", help="timm ViT weights (local safetensors/.pth) to initialise the encoder from")
+    p.add_argument("--nproc", type=int, help="run on N local ranks through the deepspeed launcher")
+    p.set_defaults(handler=run_train)
+    p = stages.add_parser("finetune", help="finetune a pretrained model on labelled clips", description=__doc__)
+    _common(p)
+    p.add_argument("--recipe", required=True, choices=[r for r in RECIPES if r.startswith("finetune")])
+    p.add_argument("--init", help="pretrained weights (this project's weights.safetensors, or a published AVSiam checkpoint)")
+    p.add_argument("--nproc", type=int, help="run on N local ranks through the deepspeed launcher")
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("evaluate", help="score weights on the test split (results.json, per_class.csv)",
+                       description="Evaluate weights deterministically: 10-frame aggregation, mAP or accuracy, "
+                       "audio-only and visual-only scores, per-class AP; retrieval recall@k for pretrained weights.")
+    _common(p)
+    p.add_argument("--recipe", required=True, choices=RECIPES)
+    p.add_argument("--weights", required=True, type=Path, help="weights.safetensors of a training run")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.set_defaults(handler=run_evaluate)
+
+
+def _preflight(args: argparse.Namespace, recipe) -> None:
+    """Check every input before any process is launched or any model is built."""
+    from avsiam.data.manifest import load_manifest
+    from avsiam.train.tasks import make_task
+
+    manifest = load_manifest(args.data)
+    make_task(recipe, manifest)
+    if args.init and not Path(args.init).is_file():
+        raise FileNotFoundError(f"--init {args.init}: no such file")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from avsiam.train.trainer import train, write_config
+
+    recipe = resolve_recipe(args.model, args.recipe, args.overrides)
+    launched = "RANK" in os.environ
+    if not launched:
+        _preflight(args, recipe)
+    if args.nproc and not launched:
+        from avsiam.launch.local import deepspeed_command
+        from avsiam.launch.supervisor import run_supervised
+
+        write_config(recipe, args.output)  # refuses a mismatching resume before launching
+        entry = ["train", args.stage, "--model", args.model, "--recipe", args.recipe, "--data", str(args.data),
+                 "--output", str(args.output), *(["--init", str(args.init)] if args.init else []), *args.overrides]
+        return run_supervised(deepspeed_command(args.nproc, entry))
+    summary = train(recipe, args.data, args.output, init_weights=args.init)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from avsiam.eval.evaluate import evaluate
+
+    recipe = resolve_recipe(args.model, args.recipe, args.overrides)
+    results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(results, indent=1))
+    return 0
+

@@ -1,0 +1,1 @@
+"""Audio-visual data: formats, decoding, datasets, staging."""

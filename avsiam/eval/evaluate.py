@@ -1,0 +1,66 @@
+"""``avsiam evaluate``: score trained weights on a split (test by default), deterministically.
+
+Finetuned weights: every clip's 10 frames are fused with its audio and the probabilities are
+averaged over frames; ``results.json`` holds mAP (multi-label) or accuracy (single-label) for
+the multimodal, audio-only and visual-only heads, ``per_class.csv`` the per-class AP.
+Pretrained weights (a pretraining recipe): audio-visual retrieval recall@k.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from avsiam.config import RecipeConfig
+from avsiam.data.datasets import EvalClips
+from avsiam.data.manifest import load_manifest
+from avsiam.eval.predict import embed_clips, predict_probabilities
+from avsiam.eval.report import evaluation_results, write_report
+from avsiam.eval.retrieval import retrieval_recall
+from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe
+from avsiam.train.distributed import init_distributed, on_cpu
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Strictly load a consolidated safetensors file; a mismatch names the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {path}: no such file")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: does not match the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); check --model and --recipe"
+        )
+
+
+def evaluate(recipe: RecipeConfig, weights: str | Path, data: str | Path, output: str | Path, split: str = "test") -> dict[str, Any]:
+    env = init_distributed()
+    device = torch.device("cpu") if on_cpu() else torch.device("cuda", env.local_rank)
+    manifest = load_manifest(data, check_files=env.is_main)
+    dataset = EvalClips(manifest, split, recipe)
+    output = Path(output)
+    batch = recipe.batch_size_per_gpu
+    if recipe.stage == "pretrain":
+        model = build_pretrain_model_from_recipe(recipe).to(device)
+        load_weights(model, weights)
+        audio, visual = embed_clips(model.encoder, dataset, env, batch_size=batch, device=device)
+        results: dict[str, Any] = {"metric": "retrieval", "split": split, "num_clips": len(dataset), **retrieval_recall(audio, visual)}
+        if env.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        return results
+    model = build_finetune_model_from_recipe(recipe, manifest.num_classes).to(device)
+    load_weights(model, weights)
+    probabilities = predict_probabilities(model, dataset, env, multi_label=manifest.multi_label, batch_size=batch, device=device)
+    targets = np.stack([dataset.exact_target(i).numpy() for i in range(len(dataset))])
+    results = {"split": split, "model": recipe.model, "recipe": recipe.recipe, **evaluation_results(probabilities, targets, manifest.multi_label)}
+    if env.is_main:
+        write_report(output, results, probabilities, targets, manifest.classes.mids, manifest.classes.names)
+    return results

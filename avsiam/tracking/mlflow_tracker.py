@@ -1,0 +1,449 @@
+"""MLflow tracking for the training process: one run that survives resumes and tracking outages.
+
+Only rank 0 tracks (:func:`make_tracker` gives other ranks a :class:`NullTracker`). The run is
+found the way an orchestrated training needs it:
+
+* tracking URI: ``MLFLOW_TRACKING_URI``, else a sqlite store ``<output_dir>/mlflow.db`` whose
+  artifacts go to ``<output_dir>/mlartifacts`` (MLflow would put them under ``./mlruns`` of
+  whatever the working directory is);
+* run: the explicit ``run_id`` (a resumed checkpoint's), else ``MLFLOW_RUN_ID`` (a run the
+  orchestrator created), else a new run in the experiment, a child run when
+  ``parent_run_id`` is given (the ``mlflow.parentRunId`` tag). Re-opening a run sets it back
+  to RUNNING.
+
+Params are immutable in MLflow, so :meth:`Tracker.log_params` sends only keys the run does not
+have. A key the run already has with a *different* value (a resume with a changed config) is
+not sent, which MLflow would reject; it is recorded as the tag
+``avsiam.param_changed.<key>`` holding the new value, and a warning names the keys. The tag
+is visible and searchable in the UI, where a local file would not be.
+
+Resilience: no tracking failure stops training. A call MLflow does not accept (server down,
+timeout, rejected request) logs ONE warning for the outage and puts the tracker in degraded
+mode: from then on every record is appended to ``<output_dir>/tracking_spool.jsonl``. The
+spool holds exactly the records MLflow has not accepted, in order: it is empty while MLflow
+is healthy (the MLflow store is the copy then). Every ``reconnect_interval_s`` and at
+:meth:`Tracker.finish` the tracker re-sends the spool (:meth:`Tracker.replay_spool`); once
+all of it is accepted, the spool is emptied and tracking is live again. A tracker started in
+an output directory with a non-empty spool (a restart after an outage) re-sends it first.
+Re-sending is idempotent: metrics carry their original timestamps (MLflow drops exact
+duplicates), params go through the same only-new-keys rule, tags and artifacts overwrite.
+Records of a run whose creation never reached MLflow carry no run id; they go to the run
+this output directory's tracker ends up with.
+
+HTTP budget: MLflow's client retries a failed request 7 times with exponential backoff and
+waits 120 s per request by default, minutes of stalled training per call against a dead
+server. The tracker has its own recovery, so its metadata calls run with a 5 s timeout and
+no retries, artifact uploads (gigabytes through a proxy) with no retries and MLflow's
+timeout. MLflow reads these settings from the environment at every request and has no
+per-client setting, so they are set around each call, and only where the user has not set
+them: ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` set by the
+user win.
+
+Credentials never leave the process: :attr:`Tracker.tracking_uri` and every logged message
+go through :func:`redact_credentials`, and the spool holds no URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel
+
+from avsiam.tracking.flatten import flatten_params, truncate
+
+_log = logging.getLogger(__name__)
+
+SPOOL_NAME = "tracking_spool.jsonl"
+LOCAL_STORE_NAME = "mlflow.db"
+LOCAL_ARTIFACTS_NAME = "mlartifacts"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+PARAM_CHANGED_TAG_PREFIX = "avsiam.param_changed."
+MAX_TAG_VALUE_LENGTH = 8000  # MLflow rejects longer tag values
+DEFAULT_RECONNECT_INTERVAL_S = 300.0
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+Record = dict[str, Any]
+
+# Applied around each MLflow call where the user has not set them (module docstring, "HTTP budget").
+_METADATA_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+_ARTIFACT_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+_URI_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+_SECRET_QUERY_PARAM = re.compile(
+    r"(?i)([?&][^=&\s]*(?:token|signature|credential|secret|password|key)[^=&\s]*=)[^&\s]+"
+)
+_SECRET_ENV_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with URI user info, secret-looking query parameters and secret env values masked.
+
+    Exception messages of MLflow's REST client contain the full request URL, user:password
+    included, and presigned S3 URLs carry signatures and session tokens.
+    """
+    text = _URI_USERINFO.sub("***@", text)
+    text = _SECRET_QUERY_PARAM.sub(r"\1***", text)
+    for name in _SECRET_ENV_VARS:
+        if secret := os.environ.get(name):
+            text = text.replace(secret, "***")
+    return text
+
+
+@contextmanager
+def _env_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables of ``defaults`` the environment lacks, for the duration of the block."""
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Spool:
+    """Tracking records MLflow has not accepted yet: one JSON object a line, oldest first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: Record) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[Record]:
+        if not self.path.exists():
+            return []
+        records = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A process killed in the middle of an append leaves a partial last line.
+                _log.warning("skipping unreadable line %d of the tracking spool %s", number, self.path)
+        return records
+
+    def replace(self, records: list[Record]) -> None:
+        """Make ``records`` the spool's whole content (atomically); no records removes the file."""
+        if not records:
+            self.path.unlink(missing_ok=True)
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(partial, self.path)
+
+
+def _delivery_batches(records: list[Record]) -> Iterator[list[Record]]:
+    """Consecutive metric records of one run as one batch (MLflow sends 1000 metrics a request);
+    every other record alone, in order."""
+    batch: list[Record] = []
+    for record in records:
+        if batch and not (record["kind"] == "metrics" == batch[0]["kind"] and record["run_id"] == batch[0]["run_id"]):
+            yield batch
+            batch = []
+        batch.append(record)
+    if batch:
+        yield batch
+
+
+class Tracker:
+    """Rank 0's MLflow run. Build it with :meth:`start`; see the module docstring for behaviour."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        spool: Spool,
+        run_id: str | None,
+        reconnect_interval_s: float = DEFAULT_RECONNECT_INTERVAL_S,
+    ) -> None:
+        self._uri = tracking_uri
+        self.tracking_uri = redact_credentials(tracking_uri)
+        self.run_id = run_id
+        self._spool = spool
+        self._client: MlflowClient | None = None
+        self._reconnect_interval_s = reconnect_interval_s
+        # Records left by an earlier process are undelivered: behave as degraded with a
+        # reconnect due now, so the first call re-sends them before anything new.
+        self._degraded = spool.path.exists()
+        self._outage_reported = False
+        self._next_reconnect = 0.0
+
+    @classmethod
+    def start(
+        cls,
+        output_dir: str | Path,
+        *,
+        experiment: str = "avsiam",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, object] | None = None,
+        parent_run_id: str | None = None,
+        reconnect_interval_s: float = DEFAULT_RECONNECT_INTERVAL_S,
+    ) -> Tracker:
+        """Open (create or re-open) the run for the training writing to ``output_dir``; never raises
+        for a tracking failure."""
+        output_dir = Path(output_dir).resolve()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        configured_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        tracker = cls(
+            configured_uri or f"sqlite:///{output_dir / LOCAL_STORE_NAME}",
+            spool=Spool(output_dir / SPOOL_NAME),
+            run_id=run_id or os.environ.get("MLFLOW_RUN_ID") or None,
+            reconnect_interval_s=reconnect_interval_s,
+        )
+        run_tags = {**(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
+        tracker._submit(
+            {
+                "kind": "open",
+                "experiment": experiment,
+                # Only the store this tracker owns gets an artifact location; a configured
+                # server or store decides its own.
+                "artifact_location": None if configured_uri else (output_dir / LOCAL_ARTIFACTS_NAME).as_uri(),
+                "run_name": run_name,
+                "tags": {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in run_tags.items()},
+            },
+            reconnect_now=True,
+        )
+        return tracker
+
+    # --- public logging API -----------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, object] | BaseModel) -> None:
+        """Log the params the run does not have yet; ``params`` may be nested (it is flattened)."""
+        self._submit({"kind": "params", "params": flatten_params(params)})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._submit(
+            {
+                "kind": "metrics",
+                "step": 0 if step is None else int(step),
+                "timestamp": _now_ms(),
+                "metrics": {key: float(value) for key, value in metrics.items()},
+            }
+        )
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self._submit({"kind": "tags", "tags": {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a directory; a path that does not exist is skipped with a warning."""
+        self._submit({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def finish(self, status: RunStatus = "FINISHED") -> None:
+        """End the run with ``status``; a degraded tracker tries once more to deliver its spool."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self._submit({"kind": "status", "status": status, "end_time": _now_ms()}, reconnect_now=True)
+
+    def replay_spool(self) -> int:
+        """Re-send the spooled records; returns how many MLflow accepted. On a failure the rest
+        stays spooled and the tracker stays (or becomes) degraded; never raises."""
+        records = self._spool.read()
+        sent = 0
+        for batch in _delivery_batches(records):
+            try:
+                self._deliver(batch)
+            except Exception as exc:  # noqa: BLE001 - see _submit
+                self._spool.replace(records[sent:])
+                self._enter_degraded(exc)
+                return sent
+            sent += len(batch)
+        self._spool.replace([])
+        if sent or self._outage_reported:
+            _log.info("MLflow tracking at %s accepts records again; re-sent %d spooled records", self.tracking_uri, sent)
+        self._degraded = self._outage_reported = False
+        return sent
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    # --- delivery ---------------------------------------------------------------------------
+
+    def _submit(self, record: Record, *, reconnect_now: bool = False) -> None:
+        record["run_id"] = self.run_id
+        if self._degraded:
+            self._spool.append(record)
+            if reconnect_now or time.monotonic() >= self._next_reconnect:
+                self.replay_spool()
+            return
+        try:
+            self._deliver([record])
+        # MLflow's stores raise from requests, sqlalchemy, alembic, botocore and boto3 as well
+        # as MlflowException, and no tracking failure may stop training; the warning names
+        # the exception type, so a bug still shows.
+        except Exception as exc:  # noqa: BLE001
+            self._spool.append(record)
+            self._enter_degraded(exc)
+
+    def _enter_degraded(self, exc: Exception) -> None:
+        self._degraded = True
+        self._next_reconnect = time.monotonic() + self._reconnect_interval_s
+        # The first line only: some MLflow errors go on with paragraphs of advice.
+        first_line = next(iter(str(exc).strip().splitlines()), "")
+        reason = redact_credentials(f"{type(exc).__name__}: {first_line}")[:500]
+        if self._outage_reported:
+            _log.debug("MLflow tracking still failing: %s", reason)
+            return
+        self._outage_reported = True
+        _log.warning(
+            "MLflow tracking at %s failed (%s); training continues, tracking records are kept in %s "
+            "and re-sent every %.0f s until MLflow accepts them",
+            self.tracking_uri,
+            reason,
+            self._spool.path,
+            self._reconnect_interval_s,
+        )
+
+    def _mlflow(self) -> MlflowClient:
+        # Built at first use inside the guarded delivery: a sqlite store is created (and
+        # migrated) by the constructor, which can fail like any other call.
+        if self._client is None:
+            self._client = MlflowClient(self._uri)
+        return self._client
+
+    def _deliver(self, batch: list[Record]) -> None:
+        """Send one batch from :func:`_delivery_batches` to MLflow; raises what MLflow raises."""
+        first = batch[0]
+        kind = first["kind"]
+        budget = _ARTIFACT_HTTP_BUDGET if kind == "artifact" else _METADATA_HTTP_BUDGET
+        with _env_defaults(budget):
+            if kind == "open":
+                self._open_run(first)
+                return
+            run_id = first["run_id"] or self.run_id
+            if run_id is None:
+                raise MlflowException("no run to log to: opening the run has not reached MLflow yet")
+            if kind == "metrics":
+                self._send_metrics(run_id, batch)
+            elif kind == "params":
+                self._send_params(run_id, first["params"])
+            elif kind == "tags":
+                self._mlflow().log_batch(run_id, tags=[RunTag(k, v) for k, v in first["tags"].items()])
+            elif kind == "artifact":
+                self._send_artifact(run_id, Path(first["path"]), first["artifact_path"])
+            elif kind == "status":
+                self._mlflow().set_terminated(run_id, first["status"], end_time=first["end_time"])
+            else:
+                raise ValueError(f"unknown tracking record kind {kind!r}")
+
+    def _open_run(self, record: Record) -> None:
+        client = self._mlflow()
+        run_id = record["run_id"] or self.run_id
+        if run_id is None:
+            experiment_id = self._experiment_id(record["experiment"], record["artifact_location"])
+            run = client.create_run(experiment_id, tags=record["tags"], run_name=record["run_name"])
+            self.run_id = run.info.run_id
+            return
+        client.update_run(run_id, status="RUNNING")
+        if record["tags"]:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        client = self._mlflow()
+        if experiment := client.get_experiment_by_name(name):
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:
+            # Another process (the orchestrator, a sibling stage) created it in between.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client.get_experiment_by_name(name).experiment_id
+
+    def _send_metrics(self, run_id: str, records: list[Record]) -> None:
+        metrics = [
+            Metric(key, value, record["timestamp"], record["step"])
+            for record in records
+            for key, value in record["metrics"].items()
+        ]
+        self._mlflow().log_batch(run_id, metrics=metrics)
+
+    def _send_params(self, run_id: str, params: dict[str, str]) -> None:
+        client = self._mlflow()
+        existing = client.get_run(run_id).data.params
+        new = [Param(key, value) for key, value in params.items() if key not in existing]
+        changed = {key: value for key, value in params.items() if key in existing and existing[key] != value}
+        client.log_batch(run_id, params=new)
+        if changed:
+            _log.warning(
+                "params %s differ from the values run %s was started with; MLflow params are "
+                "immutable, the new values are recorded as tags %s<key>",
+                sorted(changed),
+                run_id,
+                PARAM_CHANGED_TAG_PREFIX,
+            )
+            client.log_batch(run_id, tags=[RunTag(PARAM_CHANGED_TAG_PREFIX + k, v) for k, v in changed.items()])
+
+    def _send_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
+        # A missing file is not an outage: spooling it would block the spool for good.
+        if not path.exists():
+            _log.warning("not logging artifact %s to MLflow: no such file or directory", path)
+            return
+        if path.is_dir():
+            self._mlflow().log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self._mlflow().log_artifact(run_id, str(path), artifact_path)
+
+
+class NullTracker:
+    """What ranks other than 0 get: the :class:`Tracker` interface, doing nothing."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def log_params(self, params: Mapping[str, object] | BaseModel) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: RunStatus = "FINISHED") -> None:
+        pass
+
+    def replay_spool(self) -> int:
+        return 0
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        pass
+
+
+def make_tracker(rank: int, output_dir: str | Path, **start_kwargs: Any) -> Tracker | NullTracker:
+    """A :class:`Tracker` on global rank 0 (``start_kwargs`` go to :meth:`Tracker.start`), a
+    :class:`NullTracker` elsewhere, so only one process talks to MLflow."""
+    if rank != 0:
+        return NullTracker()
+    return Tracker.start(output_dir, **start_kwargs)

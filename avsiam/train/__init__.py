@@ -1,0 +1,1 @@
+"""The training engine: DeepSpeed pretraining and finetuning as resumable multi-process jobs."""

@@ -1,0 +1,88 @@
+"""Process-group setup shared by every launcher: a single process, the deepspeed launcher,
+torchrun, or an external launcher (Slurm, Kubernetes) that sets RANK/WORLD_SIZE/LOCAL_RANK."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def on_cpu() -> bool:
+    """True when this process trains on the CPU (DeepSpeed's CPU accelerator, gloo)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+def init_distributed() -> DistEnv:
+    """Join the launcher's process group (gloo on CPU, NCCL on GPUs); a lone process needs none.
+
+    Without a launcher the env vars DeepSpeed expects are filled in for a world of one, so the
+    same code path (``deepspeed.initialize``, collectives) runs from 1 CPU process to 64 GPUs.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else None)
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if not on_cpu():
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar tensor over ranks (for logging the global loss)."""
+    value = value.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def gather_objects(obj):
+    """Every rank's ``obj`` as a list indexed by rank (collective: all ranks must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,161 @@
+"""What differs between pretraining and finetuning: the model, the data, the loss of a step,
+the parameter groups and the epoch-end validation. The loop in ``trainer.py`` is shared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avsiam.config import ConfigError, RecipeConfig
+from avsiam.data.datasets import EvalClips, FinetuneClips, PretrainClips, StagedClips
+from avsiam.data.manifest import Manifest
+from avsiam.data.sampler import class_balanced_weights, mix_seed
+from avsiam.eval.predict import embed_clips, predict_probabilities
+from avsiam.eval.report import evaluation_results, metric_name
+from avsiam.eval.retrieval import retrieval_recall
+from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
+from avsiam.model.finetune import draw_training_head
+from avsiam.train.distributed import DistEnv
+
+# Parameter-name prefixes of the groups that get their own lr multiplier.
+HEAD_PREFIX = "heads."
+FUSION_PREFIX = "fusion."
+
+
+@dataclass
+class StepContext:
+    """Per-step randomness: ``generator`` differs per rank (masking), ``shared`` is the same on
+    every rank (choices all ranks must agree on, like the head trained this step)."""
+
+    generator: torch.Generator
+    shared: torch.Generator
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _to(batch: dict[str, Any], key: str, ctx: StepContext) -> torch.Tensor:
+    return batch[key].to(ctx.device, ctx.dtype, non_blocking=True)
+
+
+class Task:
+    """Base: subclasses set ``dataset_class`` and implement the model, the loss and validation."""
+
+    dataset_class: type[StagedClips]
+
+    def __init__(self, recipe: RecipeConfig, manifest: Manifest) -> None:
+        self.recipe, self.manifest = recipe, manifest
+
+    def train_dataset(self) -> StagedClips:
+        return self.dataset_class(self.manifest, "train", self.recipe)
+
+    def val_dataset(self) -> EvalClips | None:
+        """The held-out split used for model selection (never the test split)."""
+        return EvalClips(self.manifest, "val", self.recipe) if self.manifest.split("val") else None
+
+    def sampler_weights(self, dataset: StagedClips) -> np.ndarray | None:
+        return None
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Backbone at lr, heads at lr x head multiplier, fusion layers at lr x fusion multiplier
+        (which defaults to the head multiplier, as the published mm_lr does)."""
+        r = self.recipe
+        head_scale = r.head_lr_multiplier or 1.0
+        fusion_scale = r.fusion_lr_multiplier or (r.head_lr_multiplier or 1.0)
+        groups: dict[str, dict[str, Any]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith(HEAD_PREFIX):
+                key, scale = "heads", head_scale
+            elif name.startswith(FUSION_PREFIX) and r.stage == "finetune":
+                key, scale = "fusion", fusion_scale
+            else:
+                key, scale = "backbone", 1.0
+            group = groups.setdefault(key, {"params": [], "name": key, "lr_scale": scale, "lr": r.lr * scale})
+            group["params"].append(param)
+        return list(groups.values())
+
+
+class PretrainTask(Task):
+    dataset_class = PretrainClips
+
+    def build_model(self, init_weights: str | None) -> nn.Module:
+        return build_pretrain_model_from_recipe(self.recipe, init_weights=init_weights)
+
+    def step_loss(self, engine, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        out = engine(_to(batch, "audio", ctx), _to(batch, "frame", ctx), generator=ctx.generator)
+        extras = {k: float(v) for k, v in out.items() if k != "loss"}
+        return out["loss"], extras
+
+    def validate(self, model: nn.Module, dataset: EvalClips, env: DistEnv, ctx: StepContext) -> dict[str, float]:
+        """Audio-visual retrieval recall@k on held-out clips: did pretraining learn anything?"""
+        audio, visual = embed_clips(model.encoder, dataset, env, batch_size=self.recipe.batch_size_per_gpu,
+                                    device=ctx.device, dtype=ctx.dtype)
+        return retrieval_recall(audio, visual)
+
+    selection_metric = "a2v_R@1"
+
+
+class FinetuneTask(Task):
+    dataset_class = FinetuneClips
+
+    def build_model(self, init_weights: str | None) -> nn.Module:
+        model = build_finetune_model_from_recipe(self.recipe, self.manifest.num_classes)
+        if init_weights:
+            self.load_report = load_pretrained(model, init_weights)
+        return model
+
+    def sampler_weights(self, dataset: StagedClips) -> np.ndarray | None:
+        if not self.recipe.class_balanced_sampling:
+            return None
+        return class_balanced_weights(dataset.label_indices, self.manifest.num_classes)
+
+    def step_loss(self, engine, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        head = draw_training_head(self.recipe.finetune_mode, ctx.shared)
+        frames = _to(batch, "frame", ctx) if head != "audio" else None
+        audio = _to(batch, "audio", ctx) if head != "visual" else None
+        logits = engine(audio=audio, frames=frames, heads=head)[head].float()
+        target = batch["target"].to(ctx.device)
+        if self.recipe.loss == "bce":
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+        else:  # cross-entropy with soft (mixup / smoothed) targets
+            loss = -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+        return loss, {f"head_{head}": 1.0}
+
+    def validate(self, model: nn.Module, dataset: EvalClips, env: DistEnv, ctx: StepContext) -> dict[str, float]:
+        multi_label = self.manifest.multi_label
+        probs = predict_probabilities(model, dataset, env, multi_label=multi_label,
+                                      batch_size=self.recipe.batch_size_per_gpu, device=ctx.device, dtype=ctx.dtype)
+        targets = np.stack([dataset.exact_target(i).numpy() for i in range(len(dataset))])
+        results = evaluation_results(probs, targets, multi_label)
+        return {k: v for k, v in results.items() if isinstance(v, float)}
+
+    @property
+    def selection_metric(self) -> str:
+        return metric_name(self.manifest.multi_label)
+
+
+def make_task(recipe: RecipeConfig, manifest: Manifest) -> Task:
+    if recipe.stage == "finetune" and manifest.multi_label != (recipe.loss == "bce"):
+        kind = "multi-label" if manifest.multi_label else "single-label"
+        raise ConfigError(
+            f"{manifest.root}: a {kind} dataset does not fit recipe {recipe.recipe!r} (loss {recipe.loss}); "
+            "use an AudioSet recipe (bce) for multi-label data and finetune_vggsound (ce) for single-label data"
+        )
+    return (PretrainTask if recipe.stage == "pretrain" else FinetuneTask)(recipe, manifest)
+
+
+def step_context(seed: int, env: DistEnv, global_step: int, micro_step: int, device, dtype) -> StepContext:
+    """Randomness of one micro-step, derived from (seed, step): a resumed run draws exactly
+    what an uninterrupted one draws, with no RNG state to restore."""
+    return StepContext(
+        generator=torch.Generator().manual_seed(mix_seed(seed, 1, env.rank, global_step, micro_step)),
+        shared=torch.Generator().manual_seed(mix_seed(seed, 2, global_step, micro_step)),
+        device=torch.device(device),
+        dtype=dtype,
+    )

@@ -1,0 +1,415 @@
+"""avsiam.tracking against real MLflow: the default sqlite store, a live server, a dead one.
+
+One MLflow server serves the whole module (a start costs seconds); every test that uses it
+works in an experiment of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from avsiam.config import resolve_recipe
+from avsiam.tracking import (
+    MAX_PARAM_VALUE_LENGTH,
+    PARAM_CHANGED_TAG_PREFIX,
+    SPOOL_NAME,
+    NullTracker,
+    Tracker,
+    flatten_params,
+    make_tracker,
+    redact_credentials,
+)
+from avsiam.tracking.flatten import TRUNCATION_MARKER
+
+SERVER_START_TIMEOUT_S = 120
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test decides the MLflow configuration; nothing leaks in from the shell."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real ``mlflow server`` (sqlite backend, proxied artifacts) for this module."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # The server's job runner (extra worker processes) is not needed for tracking.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    log_path = root / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                "--artifacts-destination", str(root / "artifacts"),
+                "--host", "127.0.0.1",
+                "--port", str(port),
+                "--workers", "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=root,
+            # Its own process group, so that stopping it also stops the workers it spawns.
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture
+def dead_server_uri() -> str:
+    """An http URI where nothing listens (a port just bound and released)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def hung_server_uri() -> Iterator[str]:
+    """An http URI whose server accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def unique_experiment() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def spool_records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / SPOOL_NAME).read_text().splitlines()]
+
+
+def warnings_in(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --- flatten_params -------------------------------------------------------------------------
+
+
+def test_flatten_params_of_a_resolved_recipe() -> None:
+    cfg = resolve_recipe("base", "finetune_as20k")
+    flat = flatten_params(cfg)
+    assert flat["lr"] == "0.0001"
+    assert flat["arch.embed_dim"] == "768"
+    assert flat["betas"] == "[0.95, 0.999]"
+    assert flat["contrastive_mask_ratios"] == "[0.0, 0.2, 0.4, 0.6, 0.8]"
+    assert flat["gpu_type"] == "A5000"  # strings are not quoted
+    assert flat["mixup"] == "true" and flat["fusion_lr_multiplier"] == "null"
+    assert "arch" not in flat
+    assert all(isinstance(v, str) and len(v) <= MAX_PARAM_VALUE_LENGTH for v in flat.values())
+    assert flat == flatten_params(cfg.model_dump(mode="json"))
+    assert flatten_params(cfg, prefix="cfg")["cfg.arch.depth"] == "12"
+
+
+def test_flatten_params_truncates_long_values_and_keeps_empty_sections() -> None:
+    flat = flatten_params({"note": "x" * 1000, "ratios": list(range(400)), "extra": {}, "a": {"b": {"c": None}}})
+    assert len(flat["note"]) == len(flat["ratios"]) == MAX_PARAM_VALUE_LENGTH
+    assert flat["note"].endswith(TRUNCATION_MARKER) and flat["ratios"].startswith("[0, 1, 2")
+    assert flat["extra"] == "{}"
+    assert flat["a.b.c"] == "null"
+    with pytest.raises(TypeError):
+        flatten_params([1, 2])
+
+
+# --- the default local store --------------------------------------------------------------------
+
+
+def test_without_configuration_logs_to_sqlite_in_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    cfg = resolve_recipe("base", "finetune_as20k")
+    with Tracker.start(out, run_name="finetune") as tracker:
+        assert tracker.tracking_uri == f"sqlite:///{out / 'mlflow.db'}"
+        tracker.log_params(cfg)
+        for step in range(3):
+            tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 1e-4, "samples_per_s": 100.0}, step=step)
+        tracker.log_metrics({"gpu_hours": 0.25, "val_mAP": 0.4}, step=1)
+        tracker.log_artifact(weights, "weights")
+        tracker.set_tags({"avsiam.weights_path": str(weights)})
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert run.info.run_name == "finetune" and run.info.status == "FINISHED"
+    assert run.data.params["arch.embed_dim"] == "768" and run.data.params["betas"] == "[0.95, 0.999]"
+    assert len(run.data.params) == len(flatten_params(cfg))
+    assert metric_steps(client, tracker.run_id, "loss") == [0, 1, 2]
+    assert run.data.metrics["gpu_hours"] == 0.25
+    assert run.data.tags["avsiam.weights_path"] == str(weights)
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "weights")] == ["weights/model.safetensors"]
+    # Artifacts stay in the output directory, not in ./mlruns of the working directory.
+    assert list((out / "mlartifacts").rglob("model.safetensors"))
+    assert not (out / SPOOL_NAME).exists()
+
+
+# --- a live server --------------------------------------------------------------------------
+
+
+def test_resume_adds_new_params_and_records_changed_ones(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    experiment = unique_experiment()
+    first = Tracker.start(tmp_path, experiment=experiment)
+    first.log_params({"lr": 0.1, "epochs": 10})
+    first.log_metrics({"loss": 2.0}, step=0)
+    first.log_metrics({"loss": 1.5}, step=1)
+    # ... the process dies without finish(); the checkpoint kept first.run_id.
+
+    caplog.set_level(logging.WARNING)
+    with Tracker.start(tmp_path, experiment=experiment, run_id=first.run_id) as resumed:
+        resumed.log_params({"lr": 0.2, "epochs": 10, "seed": 0})
+        resumed.log_metrics({"loss": 1.0}, step=2)
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(first.run_id)
+    assert run.data.params == {"lr": "0.1", "epochs": "10", "seed": "0"}
+    assert run.data.tags[PARAM_CHANGED_TAG_PREFIX + "lr"] == "0.2"
+    assert f"{PARAM_CHANGED_TAG_PREFIX}epochs" not in run.data.tags
+    assert metric_steps(client, first.run_id, "loss") == [0, 1, 2]
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    [warning] = warnings_in(caplog)
+    assert "['lr']" in warning.getMessage()
+
+
+def test_attaches_to_the_run_the_orchestrator_created(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment(unique_experiment())
+    created = client.create_run(experiment_id, run_name="finetune")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
+
+    with pytest.raises(RuntimeError), Tracker.start(tmp_path) as tracker:
+        assert tracker.run_id == created.info.run_id
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        raise RuntimeError("training crashed")
+
+    run = client.get_run(created.info.run_id)
+    assert run.data.metrics == {"loss": 1.0}
+    assert run.info.status == "FAILED"
+    assert len(client.search_runs([experiment_id])) == 1
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_child_run_over_http_with_params_metrics_and_artifact(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = MlflowClient(mlflow_server)
+    experiment = unique_experiment()
+    parent = client.create_run(client.create_experiment(experiment), run_name="flow")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(os.urandom(4096))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+
+    tracker = Tracker.start(
+        tmp_path / "out", experiment=experiment, run_name="pretrain", tags={"stage": "pretrain"}, parent_run_id=parent.info.run_id
+    )
+    tracker.log_params(resolve_recipe("base", "finetune_as20k"))
+    for step in range(3):
+        tracker.log_metrics({"loss": 3.0 - step}, step=step)
+    tracker.log_artifact(weights, "weights")
+    tracker.finish()
+
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "pretrain" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.params["arch.embed_dim"] == "768"
+    assert metric_steps(client, tracker.run_id, "loss") == [0, 1, 2]
+    downloaded = client.download_artifacts(tracker.run_id, "weights/model.safetensors", str(tmp_path / "dl"))
+    assert Path(downloaded).read_bytes() == weights.read_bytes()
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert [c.info.run_id for c in children] == [tracker.run_id]
+
+
+def test_spool_of_an_outage_is_delivered_by_the_next_start(
+    mlflow_server: str, dead_server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment = unique_experiment()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_server_uri)
+    during_outage = Tracker.start(tmp_path, experiment=experiment, run_name="pretrain")
+    during_outage.log_params({"lr": 0.1})
+    for step in range(3):
+        during_outage.log_metrics({"loss": 3.0 - step}, step=step)
+    # ... the process dies; the restarted one finds the server up again.
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    with Tracker.start(tmp_path, experiment=experiment) as restarted:
+        restarted.log_metrics({"loss": 0.5}, step=3)
+
+    assert not (tmp_path / SPOOL_NAME).exists()
+    client = MlflowClient(mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.run_id == restarted.run_id and run.info.run_name == "pretrain"
+    assert run.data.params == {"lr": "0.1"}
+    assert metric_steps(client, run.info.run_id, "loss") == [0, 1, 2, 3]
+    assert run.info.status == "FINISHED"
+
+
+def test_reconnects_in_process_once_mlflow_accepts_records_again(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = MlflowClient(mlflow_server)
+    experiment = unique_experiment()
+    experiment_id = client.create_experiment(experiment)
+    client.delete_experiment(experiment_id)  # runs cannot be created: the tracker degrades
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    caplog.set_level(logging.INFO, logger="avsiam.tracking")
+
+    tracker = Tracker.start(tmp_path, experiment=experiment, reconnect_interval_s=0)
+    tracker.log_metrics({"loss": 2.0}, step=0)
+    assert tracker.run_id is None and len(spool_records(tmp_path)) == 2
+    client.restore_experiment(experiment_id)
+    tracker.log_metrics({"loss": 1.0}, step=1)  # reconnect due: the spool goes first
+    tracker.log_metrics({"loss": 0.5}, step=2)  # live again
+    tracker.finish()
+
+    assert tracker.run_id is not None and not (tmp_path / SPOOL_NAME).exists()
+    assert metric_steps(client, tracker.run_id, "loss") == [0, 1, 2]
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert len(warnings_in(caplog)) == 1
+    assert any("accepts records again" in r.getMessage() for r in caplog.records)
+
+
+# --- a dead server ----------------------------------------------------------------------------
+
+
+def test_dead_server_costs_seconds_warns_once_and_spools(
+    dead_server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_server_uri)
+    caplog.set_level(logging.DEBUG)
+    began = time.monotonic()
+    tracker = Tracker.start(tmp_path)
+    tracker.log_params(resolve_recipe("base", "finetune_as20k"))
+    for step in range(20):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.set_tags({"avsiam.weights_path": "/ckpt/model.safetensors"})
+    tracker.finish()
+    assert time.monotonic() - began < 10
+
+    assert tracker.run_id is None
+    [warning] = warnings_in(caplog)  # from every logger: MLflow's client did not retry
+    assert warning.exc_info is None and str(tmp_path / SPOOL_NAME) in warning.getMessage()
+    records = spool_records(tmp_path)
+    assert [r["kind"] for r in records] == ["open", "params"] + ["metrics"] * 20 + ["tags", "status"]
+    assert [r["step"] for r in records if r["kind"] == "metrics"] == list(range(20))
+    assert records[1]["params"]["betas"] == "[0.95, 0.999]"
+
+
+def test_hung_server_stalls_training_once_per_attempt_by_the_users_timeout(
+    hung_server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", hung_server_uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the user's setting wins over the tracker's 5 s
+    began = time.monotonic()
+    tracker = Tracker.start(tmp_path)  # times out once, then spools
+    for step in range(20):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    after_logging = time.monotonic() - began
+    tracker.finish()  # one more delivery attempt: one more timeout
+    total = time.monotonic() - began
+    # MLflow's own default would retry 7 times with backoff: minutes, not seconds.
+    assert 1 <= after_logging < 5 and 2 <= total < 8
+    assert len(spool_records(tmp_path)) == 22
+
+
+def test_credentials_in_the_tracking_uri_never_leave_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
+    caplog.set_level(logging.DEBUG)
+    tracker = Tracker.start(tmp_path, tags={"source": "test"})
+    tracker.log_params({"lr": 0.1})
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.finish()
+
+    assert tracker.tracking_uri == f"http://***@127.0.0.1:{port}"
+    [warning] = warnings_in(caplog)
+    assert f"http://***@127.0.0.1:{port}" in warning.getMessage()
+    assert "secret" not in caplog.text
+    assert "secret" not in (tmp_path / SPOOL_NAME).read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://mlflow:pw@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&x=1", "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&x=1"),
+        ("token rotated: tok-123 expired", "token rotated: *** expired"),
+    ],
+)
+def test_redact_credentials(text: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123")
+    assert redact_credentials(text) == expected
+
+
+# --- ranks --------------------------------------------------------------------------------------
+
+
+def test_only_rank_zero_tracks(dead_server_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = make_tracker(1, tmp_path / "rank1")
+    assert isinstance(worker, NullTracker)
+    with worker:
+        worker.log_params({"lr": 0.1})
+        worker.log_metrics({"loss": 1.0}, step=0)
+        worker.log_artifact(tmp_path / "missing")
+    assert not (tmp_path / "rank1").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_server_uri)
+    assert isinstance(make_tracker(0, tmp_path / "rank0"), Tracker)
