@@ -56,7 +56,7 @@ def write_report(
     results_path = out_dir / "results.json"
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     with np.errstate(invalid="ignore"):
-        ap = {head: average_precision_per_class(p, targets) for head, p in probabilities.items()}
+        ap = {head: average_precision_per_class(probabilities[head], targets) for head in HEAD_PREFIX if head in probabilities}
     positives = (targets > 0).sum(axis=0)
     per_class_path = out_dir / "per_class.csv"
     with per_class_path.open("w", newline="", encoding="utf-8") as fh:
