@@ -64,7 +64,7 @@ def print_results(out: Path) -> None:
     for col in ("stage", "GPU-hours (CPU ranks)", metric, f"audio-only {metric}", f"visual-only {metric}"):
         table.add_column(col)
     retrieval = pretrain.get("final_validation", {})
-    table.add_row("pretrain", f"{pretrain['gpu_hours']:.4f}", f"val A->V R@1 {retrieval.get('a2v_R@1', float('nan')):.3f}", "", "")
+    table.add_row("pretrain", f"{pretrain['gpu_hours']:.4f}", f"val A->V R@1 {retrieval.get('a2v_R1', float('nan')):.3f}", "", "")
     table.add_row("finetune + evaluate", f"{finetune['gpu_hours']:.4f}", f"{results[metric]:.3f}",
                   f"{results['audio_only'][metric]:.3f}", f"{results['visual_only'][metric]:.3f}")
     console.print(table)

@@ -143,3 +143,15 @@ def test_architectures_of_the_paper_sizes():
     assert arch_config("base").audio_grid == (8, 64) and arch_config("base").visual_grid == (14, 14)
     assert arch_config("huge").audio_grid == (9, 73) and arch_config("huge").visual_grid == (16, 16)
     assert (arch_config("large").embed_dim, arch_config("large").depth) == (1024, 24)
+
+
+def test_table3_variants_are_configurations():
+    from avsiam.config.presets import variants
+
+    assert set(variants()) == {"cav", "cav_mae", "cav_mae_multi_ratio"}
+    cav = resolve_recipe("base", "pretrain_as2m", variant="cav")
+    assert (cav.arch.encoder, cav.use_mae, cav.contrastive_mask_ratios) == ("separate", False, [0.75])
+    multi = resolve_recipe("base", "pretrain_as2m", ["temperature=0.07"], variant="cav_mae_multi_ratio")
+    assert multi.use_mae and multi.contrastive_mask_ratios == [0.0, 0.2, 0.4, 0.6, 0.8] and multi.temperature == 0.07
+    with pytest.raises(ConfigError, match="unknown variant 'cav2'"):
+        resolve_recipe("base", "pretrain_as2m", variant="cav2")

@@ -6,21 +6,21 @@ import torch
 
 from avsiam.eval import retrieval, retrieval_recall
 
-KEYS = ["a2v_R@1", "a2v_R@5", "a2v_R@10", "a2v_median_rank", "v2a_R@1", "v2a_R@5", "v2a_R@10", "v2a_median_rank"]
+KEYS = ["a2v_R1", "a2v_R5", "a2v_R10", "a2v_median_rank", "v2a_R1", "v2a_R5", "v2a_R10", "v2a_median_rank"]
 
 
 def test_identical_embeddings_retrieve_perfectly():
     emb = np.random.default_rng(0).normal(size=(64, 16))
     result = retrieval_recall(emb, emb)
     assert sorted(result) == sorted(KEYS)
-    assert result["a2v_R@1"] == result["v2a_R@1"] == 1.0
+    assert result["a2v_R1"] == result["v2a_R1"] == 1.0
     assert result["a2v_median_rank"] == result["v2a_median_rank"] == 1.0
 
 
 def test_scale_does_not_matter_after_l2_normalisation():
     emb = np.random.default_rng(1).normal(size=(32, 8))
     scales = np.random.default_rng(2).uniform(0.1, 10.0, size=(32, 1))
-    assert retrieval_recall(emb, emb * scales)["a2v_R@1"] == 1.0
+    assert retrieval_recall(emb, emb * scales)["a2v_R1"] == 1.0
 
 
 def test_hand_computed_ranks():
@@ -30,9 +30,9 @@ def test_hand_computed_ranks():
     # Audio 0 is orthogonal to its visual 0 and ranks it last (3); likewise clip 1; clip 2 ranks 1st.
     result = retrieval_recall(audio, visual, ks=(1, 2, 3))
     for direction in ("a2v", "v2a"):
-        assert result[f"{direction}_R@1"] == pytest.approx(1 / 3)
-        assert result[f"{direction}_R@2"] == pytest.approx(1 / 3)
-        assert result[f"{direction}_R@3"] == 1.0
+        assert result[f"{direction}_R1"] == pytest.approx(1 / 3)
+        assert result[f"{direction}_R2"] == pytest.approx(1 / 3)
+        assert result[f"{direction}_R3"] == 1.0
         assert result[f"{direction}_median_rank"] == 3.0
 
 
@@ -44,8 +44,8 @@ def test_known_permutation_keeps_only_its_fixed_points_at_rank_one():
     perm[:40] = np.roll(perm[:40], 1)  # clips 40..49 are fixed points
     result = retrieval_recall(audio, audio[perm], ks=(1, n))
     for direction in ("a2v", "v2a"):
-        assert result[f"{direction}_R@1"] == pytest.approx(10 / n)
-        assert result[f"{direction}_R@{n}"] == 1.0
+        assert result[f"{direction}_R1"] == pytest.approx(10 / n)
+        assert result[f"{direction}_R{n}"] == 1.0
 
 
 def test_random_embeddings_score_chance():
@@ -57,7 +57,7 @@ def test_random_embeddings_score_chance():
         for k in ks:
             chance = k / n
             tolerance = 4 * np.sqrt(chance * (1 - chance) / n)
-            assert result[f"{direction}_R@{k}"] == pytest.approx(chance, abs=tolerance)
+            assert result[f"{direction}_R{k}"] == pytest.approx(chance, abs=tolerance)
         assert result[f"{direction}_median_rank"] == pytest.approx(n / 2, rel=0.1)
 
 
@@ -65,8 +65,8 @@ def test_ties_count_against_the_true_match():
     # A collapsed model embeds every clip alike; it must not score perfect recall.
     collapsed = np.ones((5, 4))
     result = retrieval_recall(collapsed, collapsed, ks=(1, 5))
-    assert result["a2v_R@1"] == result["v2a_R@1"] == 0.0
-    assert result["a2v_R@5"] == 1.0
+    assert result["a2v_R1"] == result["v2a_R1"] == 0.0
+    assert result["a2v_R5"] == 1.0
     assert result["a2v_median_rank"] == 5.0
 
 

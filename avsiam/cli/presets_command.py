@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=SIZES, action="append", help="only this model size (repeatable)")
     p.add_argument("--recipe", choices=RECIPES, action="append", help="only this recipe (repeatable)")
     p.add_argument("--paper", action="store_true", help="only the paper's 12 recipes (base, large, huge)")
+    p.add_argument("--variant", help="apply a named override set (presets/variants.yaml), e.g. cav")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every listed recipe")
     p.set_defaults(handler=run)
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     sizes = args.model or [s for s in SIZES if not (args.paper and s == "tiny")]
     recipes = args.recipe or list(RECIPES)
-    summaries = [preset_summary(resolve_recipe(s, r, args.overrides)) for s in sizes for r in recipes]
+    summaries = [preset_summary(resolve_recipe(s, r, args.overrides, variant=args.variant)) for s in sizes for r in recipes]
     if args.json:
         print(json.dumps(summaries, indent=1))
         return 0

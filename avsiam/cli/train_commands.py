@@ -20,6 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=SIZES, help="model size")
     p.add_argument("--data", required=True, type=Path, help="STAGED/manifest.json (from `avsiam stage`)")
     p.add_argument("--output", required=True, type=Path, help="run folder (resumes from its checkpoint if it has one)")
+    p.add_argument("--variant", help="named override set from presets/variants.yaml (e.g. cav, cav_mae, cav_mae_multi_ratio: Table 3)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. epochs=1 max_steps=20 arch.depth=2")
 
 
@@ -63,7 +64,7 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from avsiam.train.trainer import train, write_config
 
-    recipe = resolve_recipe(args.model, args.recipe, args.overrides)
+    recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
     launched = "RANK" in os.environ
     if not launched:
         _preflight(args, recipe)
@@ -73,7 +74,8 @@ def run_train(args: argparse.Namespace) -> int:
 
         write_config(recipe, args.output)  # refuses a mismatching resume before launching
         entry = ["train", args.stage, "--model", args.model, "--recipe", args.recipe, "--data", str(args.data),
-                 "--output", str(args.output), *(["--init", str(args.init)] if args.init else []), *args.overrides]
+                 "--output", str(args.output), *(["--init", str(args.init)] if args.init else []),
+                 *(["--variant", args.variant] if args.variant else []), *args.overrides]
         return run_supervised(deepspeed_command(args.nproc, entry))
     summary = train(recipe, args.data, args.output, init_weights=args.init)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -84,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.eval.evaluate import evaluate
 
-    recipe = resolve_recipe(args.model, args.recipe, args.overrides)
+    recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
     results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(results, indent=1))

@@ -156,14 +156,27 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[tuple[str, Any]], 
     return data
 
 
-def resolve_recipe(size: str, recipe: str, overrides: Iterable[str] | Iterable[tuple[str, Any]] = ()) -> RecipeConfig:
-    """The resolved configuration of ``recipe`` for model ``size`` with overrides applied."""
+def variants() -> dict[str, dict[str, Any]]:
+    """Named override sets (``presets/variants.yaml``), e.g. Table 3's CAV rows."""
+    path, text = _preset_text("variants.yaml")
+    return load_yaml(path, text)
+
+
+def resolve_recipe(
+    size: str, recipe: str, overrides: Iterable[str] | Iterable[tuple[str, Any]] = (), variant: str | None = None
+) -> RecipeConfig:
+    """The resolved configuration of ``recipe`` for model ``size``, then ``variant``'s overrides,
+    then ``overrides``."""
     path, rows = preset_rows(size)
     _choose("recipe", recipe, rows, f"{path} (model {size})")
     row = dict(rows[recipe])
     data = {"model": size, "recipe": recipe, **row, "arch": arch_config(size).model_dump(mode="python")}
     _validate(RecipeConfig, data, path, f"recipes.{recipe}.")
     pairs = [parse_overrides([o])[0] if isinstance(o, str) else o for o in overrides]
+    if variant is not None:
+        named = variants()
+        _choose("variant", variant, named, "variants.yaml")
+        pairs = list(named[variant].items()) + pairs
     data = apply_overrides(data, pairs)
     return _validate(RecipeConfig, data, "override" if pairs else path)
 

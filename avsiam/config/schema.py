@@ -55,6 +55,9 @@ class ArchConfig(StrictModel):
     # The published code adds norm_pre(x) (an Identity) to x, doubling every token before
     # block 1. Only needed to reproduce the released weights; off by default.
     input_doubling: bool = False
+    # Audio position table when initialising from a timm ViT: a bicubic 2-D resize of the visual
+    # grid, or the published nearest-neighbour 1-D stretch (for parity with released weights).
+    audio_pos_init: Literal["bicubic", "nearest_1d"] = "bicubic"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ArchConfig:
@@ -109,6 +112,9 @@ class RecipeConfig(StrictModel):
     # --- implicit in the tables: the published code's values --------------------------------
     # Fusion layers' lr = lr x this (the published fine-tuning's mm_lr; defaults to the head's).
     fusion_lr_multiplier: float | None = Field(default=None, gt=0)
+    # Linear lr warmup over the first optimizer steps. The paper's recipes have none (they start
+    # from ImageNet weights); models trained from scratch, like the tiny demo, need it.
+    warmup_steps: int = Field(default=0, ge=0)
     mixup_rate: float = Field(default=0.5, ge=0, le=1)  # probability a training clip is mixed
     mixup_alpha: float = Field(default=10.0, gt=0)  # lambda ~ Beta(alpha, alpha)
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
@@ -116,6 +122,11 @@ class RecipeConfig(StrictModel):
     timem: int = Field(default=192, ge=0)  # SpecAugment time mask width (finetuning)
     noise: bool = True  # small additive noise on the normalised fbank (training)
     contrastive_mask_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
+    # "tf": time-frequency structured audio masking (AVSiam); "unstructured": random tokens.
+    audio_contrastive_masking: Literal["tf", "unstructured"] = "tf"
+    contrastive_weight: float = Field(default=1.0, gt=0)  # L = w * L_c + L_mae (CAV-MAE: 0.01)
+    use_mae: bool = True  # False: contrastive only (Table 3's plain CAV row)
+    norm_pix_loss: bool = False  # the published code computes MSE on the raw normalised inputs
     mae_mask_ratio: float = Field(default=0.75, ge=0, lt=1)
     temperature: float = Field(default=0.05, gt=0)
     stop_gradient_before_fusion: bool = True  # the supplement: stop-gradient before fusion

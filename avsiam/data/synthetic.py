@@ -436,24 +436,29 @@ def _render_all(tasks: Sequence[_RenderTask], workers: int, progress: bool) -> N
 
 def _render_clip(task: _RenderTask) -> None:
     """Synthesise and encode one clip."""
-    audio_rng, video_rng = np.random.default_rng([task.seed, _RENDER_STREAM, task.plan.index]).spawn(2)
-    audio = synthesize_audio(task.classes, audio_rng)
-    frames = render_frames(task.classes, video_rng)
+    clip_rng = np.random.default_rng([task.seed, _RENDER_STREAM, task.plan.index])
+    # A clip-level latent seen in both modalities, as in real footage (a nearer source is louder
+    # and larger): it gives each clip, not only each class, an audio-visual correspondence, so
+    # retrieval can tell clips of one class apart.
+    proximity = clip_rng.uniform()
+    audio_rng, video_rng = clip_rng.spawn(2)
+    audio = synthesize_audio(task.classes, audio_rng, proximity)
+    frames = render_frames(task.classes, video_rng, proximity)
     # Write under a temporary name so an interrupted run never leaves a truncated .mp4 behind.
     partial = task.path.with_name(task.path.name + ".partial")
     encode_clip(partial, frames, audio, task.encoder)
     os.replace(partial, task.path)
 
 
-def synthesize_audio(classes: Sequence[SyntheticClass], rng: np.random.Generator) -> np.ndarray:
-    """Mono float32 audio: the sum of the classes' tones, white noise at 10-25 dB SNR, and a
-    random peak level."""
+def synthesize_audio(classes: Sequence[SyntheticClass], rng: np.random.Generator, proximity: float) -> np.ndarray:
+    """Mono float32 audio: the sum of the classes' tones, white noise at 10-25 dB SNR, and a peak
+    level from -26 dB (far, proximity 0) to -1 dB (near, proximity 1)."""
     t = np.arange(CLIP_SECONDS * SAMPLE_RATE) / SAMPLE_RATE
     mix = sum(class_tone(cls, t, rng) * rng.uniform(0.5, 1.0) for cls in classes)
     signal_rms = np.sqrt(np.mean(mix**2))
     snr_db = rng.uniform(10.0, 25.0)
     mix = mix + rng.normal(0.0, signal_rms / 10 ** (snr_db / 20), size=t.shape)
-    mix *= rng.uniform(0.3, 0.9) / np.max(np.abs(mix))
+    mix *= 10 ** ((-26.0 + 25.0 * proximity) / 20) / np.max(np.abs(mix))
     return mix.astype(np.float32)
 
 
@@ -478,11 +483,11 @@ class _MovingObject:
     centres: np.ndarray  # (frames, 2) x, y in pixels
 
 
-def render_frames(classes: Sequence[SyntheticClass], rng: np.random.Generator) -> Iterator[np.ndarray]:
+def render_frames(classes: Sequence[SyntheticClass], rng: np.random.Generator, proximity: float) -> Iterator[np.ndarray]:
     """The clip's RGB frames (float32 H x W x 3 in 0..1), one at a time: each class's object
     moving over a randomly coloured, blotchy background."""
     background = random_background(rng)
-    objects = [plan_moving_object(cls, rng) for cls in classes]
+    objects = [plan_moving_object(cls, rng, proximity) for cls in classes]
     for index in range(CLIP_SECONDS * FRAMES_PER_SECOND):
         frame = background.copy()
         for obj in objects:
@@ -504,10 +509,10 @@ def _upsample_rows(grid: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.interp(positions, np.arange(grid.shape[0]), column) for column in grid.T], axis=1)
 
 
-def plan_moving_object(cls: SyntheticClass, rng: np.random.Generator) -> _MovingObject:
+def plan_moving_object(cls: SyntheticClass, rng: np.random.Generator, proximity: float) -> _MovingObject:
     """The class's shape in its colour (slightly varied), moving along its direction at a random
     speed from a random start, bouncing off the frame edges."""
-    radius = FRAME_HEIGHT * rng.uniform(0.14, 0.22)
+    radius = FRAME_HEIGHT * (0.1 + 0.16 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
     hue = (cls.hue + rng.uniform(-cls.hue_jitter, cls.hue_jitter)) % 1.0
     rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.85, 1.0), rng.uniform(0.8, 1.0)), dtype=np.float32)
     speed = rng.uniform(8.0, 20.0)  # pixels per second

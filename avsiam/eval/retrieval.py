@@ -52,7 +52,7 @@ def _ranks_of_true_matches(queries: np.ndarray, gallery: np.ndarray) -> np.ndarr
 
 
 def _recall_summary(prefix: str, ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    summary = {f"{prefix}_R@{k}": float(np.mean(ranks <= k)) for k in ks}
+    summary = {f"{prefix}_R{k}": float(np.mean(ranks <= k)) for k in ks}
     summary[f"{prefix}_median_rank"] = float(np.median(ranks))
     return summary
 
@@ -61,7 +61,7 @@ def retrieval_recall(audio_emb: ArrayLike, visual_emb: ArrayLike, ks: Sequence[i
     """Recall@k and median rank of retrieving each clip's pair, in both directions.
 
     ``audio_emb`` and ``visual_emb`` are ``[N, D]`` numpy arrays or torch tensors whose row i
-    belong to the same clip. Returns ``{"a2v_R@<k>": ..., "a2v_median_rank": ..., "v2a_R@<k>":
+    belong to the same clip. Returns ``{"a2v_R<k>": ..., "a2v_median_rank": ..., "v2a_R<k>":
     ..., "v2a_median_rank": ...}``: ``a2v`` queries with audio and searches the visual
     embeddings, ``v2a`` the reverse. R@k is the fraction in [0, 1] of queries whose true match
     ranks within the top k; ranks are 1-based, ties counting against the true match.
@@ -71,7 +71,7 @@ def retrieval_recall(audio_emb: ArrayLike, visual_emb: ArrayLike, ks: Sequence[i
     """
     if not ks or any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
-    ks = [int(k) for k in ks]  # so the keys read "R@5", never "R@5.0"
+    ks = [int(k) for k in ks]  # so the keys read "R5", never "R5.0" (MLflow-safe names: no "@")
     audio, visual = _checked_embeddings(audio_emb, visual_emb)
     audio, visual = _l2_normalised(audio), _l2_normalised(visual)
     return {

@@ -115,13 +115,19 @@ def build_pretrain_model_from_recipe(recipe: RecipeConfig, **options) -> AudioVi
     ``options`` (e.g. ``init_weights``) are passed on and override them."""
     settings = dict(
         contrastive_mask_ratios=recipe.contrastive_mask_ratios,
+        audio_contrastive_masking=recipe.audio_contrastive_masking,
         mae_mask_ratio=recipe.mae_mask_ratio,
         temperature=recipe.temperature,
         stop_gradient_before_fusion=recipe.stop_gradient_before_fusion,
+        use_mae=recipe.use_mae,
+        contrastive_weight=recipe.contrastive_weight,
+        norm_pix_loss=recipe.norm_pix_loss,
+        audio_pos_init=recipe.arch.audio_pos_init,
     )
     return build_pretrain_model(recipe.arch, **{**settings, **options})
 
 
 def build_finetune_model_from_recipe(recipe: RecipeConfig, num_classes: int, **options) -> AudioVisualClassifier:
     """:func:`build_finetune_model` for ``recipe.arch`` and ``recipe.finetune_mode``."""
-    return build_finetune_model(recipe.arch, num_classes, **{"mode": recipe.finetune_mode, **options})
+    settings = {"mode": recipe.finetune_mode, "audio_pos_init": recipe.arch.audio_pos_init}
+    return build_finetune_model(recipe.arch, num_classes, **{**settings, **options})

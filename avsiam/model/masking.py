@@ -111,8 +111,8 @@ def ratio_buckets(
     bucket sizes differ by at most one (the published ``torch.chunk`` instead drops the last
     ratios when B is small or not a multiple of their number). A random rotation decides which
     ratios get the extra clips, so no ratio is favoured, even when B < ``num_ratios`` and some
-    buckets must be empty. Bucket k holds the clips of ratio k; the sizes are Python ints, so
-    the caller slices without a device sync (one sync reads the rotation).
+    buckets must be empty. Bucket k holds the clips of ratio k; their sizes follow from B and
+    the rotation, a Python int (read from the device, a sync, only when drawn on a GPU).
     """
     draw_device = _device_for(generator, device)
     perm = torch.randperm(batch, generator=generator, device=draw_device)

@@ -237,7 +237,7 @@ class Tracker:
                 "kind": "metrics",
                 "step": 0 if step is None else int(step),
                 "timestamp": _now_ms(),
-                "metrics": {key: float(value) for key, value in metrics.items()},
+                "metrics": {metric_key(key): float(value) for key, value in metrics.items()},
             }
         )
 
@@ -408,6 +408,15 @@ class Tracker:
             self._mlflow().log_artifacts(run_id, str(path), artifact_path)
         else:
             self._mlflow().log_artifact(run_id, str(path), artifact_path)
+
+
+_INVALID_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(name: str) -> str:
+    """``name`` with the characters MLflow refuses in metric names (e.g. "@") replaced by "_":
+    one rejected name would otherwise hold back every record after it."""
+    return _INVALID_METRIC_CHARS.sub("_", name)
 
 
 class NullTracker:

@@ -98,7 +98,7 @@ class PretrainTask(Task):
                                     device=ctx.device, dtype=ctx.dtype)
         return retrieval_recall(audio, visual)
 
-    selection_metric = "a2v_R@1"
+    selection_metric = "a2v_R1"
 
 
 class FinetuneTask(Task):

@@ -4,8 +4,9 @@ One code path from one CPU process to 64 GPUs: the process joins whatever launch
 (``avsiam.train.distributed``), wraps the model in ``deepspeed.initialize`` (ZeRO 0-3, fp32 /
 fp16 / bf16 from the recipe) and trains epoch by epoch:
 
-* the lr of every parameter group follows the recipe's per-epoch step decay, set by this loop
-  at the start of each epoch (DeepSpeed's scheduler hooks would skip fp16 overflow steps);
+* the lr of every parameter group follows the recipe's per-epoch step decay (after an optional
+  linear warmup), set by this loop before every step (DeepSpeed's scheduler hooks would skip
+  fp16 overflow steps);
 * every ``checkpoint_every`` optimizer steps and at every epoch end all ranks save a DeepSpeed
   checkpoint whose ``client_state`` holds the position (epoch, step in epoch, sampler state),
   the tracking run id, the elapsed time and the selection history; the last ``keep_checkpoints``
@@ -149,14 +150,15 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
     engine.train()
     while epoch <= recipe.epochs and global_step < total_steps:
         epoch_lr = lr_at_epoch(recipe, epoch)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = epoch_lr * group.get("lr_scale", 1.0)
         sampler.set_epoch(epoch, start=step_in_epoch * per_step)
         loader = DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, sampler=sampler,
                             num_workers=recipe.num_workers, drop_last=True, pin_memory=not cpu)
         batches = iter(loader)
         timer = StepTimer()
         while step_in_epoch < steps_per_epoch and global_step < total_steps:
+            lr = epoch_lr * min(1.0, (global_step + 1) / recipe.warmup_steps) if recipe.warmup_steps else epoch_lr
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             losses, extras = [], {}
             for micro in range(recipe.gradient_accumulation_steps):
                 batch = next(batches)
@@ -172,7 +174,7 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
             step_seconds, wait = timer.lap()
             mean_loss = float(all_reduce_mean(torch.stack(losses).mean()))
             record = {
-                "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": epoch_lr,
+                "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                 "samples_per_s": per_step * env.world_size / step_seconds, "step_time_s": step_seconds,
                 "data_wait_s": wait, "peak_memory_mb": peak_memory_mb(cpu), **extras,
             }
