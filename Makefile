@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m avsiam.demo --out $(DEMO_DIR)
+	$(PY) -m flows.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -512,14 +512,17 @@ def _upsample_rows(grid: np.ndarray, size: int) -> np.ndarray:
 def plan_moving_object(cls: SyntheticClass, rng: np.random.Generator, proximity: float) -> _MovingObject:
     """The class's shape in its colour (slightly varied), moving along its direction at a random
     speed from a random start, bouncing off the frame edges."""
-    radius = FRAME_HEIGHT * (0.1 + 0.16 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
+    radius = FRAME_HEIGHT * (0.14 + 0.16 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
     hue = (cls.hue + rng.uniform(-cls.hue_jitter, cls.hue_jitter)) % 1.0
     rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.85, 1.0), rng.uniform(0.8, 1.0)), dtype=np.float32)
     speed = rng.uniform(8.0, 20.0)  # pixels per second
     times = np.arange(CLIP_SECONDS * FRAMES_PER_SECOND) / FRAMES_PER_SECOND
     centres = []
-    for size, velocity in ((FRAME_WIDTH, math.cos(cls.motion_angle)), (FRAME_HEIGHT, math.sin(cls.motion_angle))):
-        low, high = radius, size - radius
+    # Objects stay inside the central square: the model sees a centre crop of the shorter side,
+    # and a class must be visible in the frames it is shown.
+    margin = (FRAME_WIDTH - FRAME_HEIGHT) / 2
+    for (lo, hi), velocity in (((margin, FRAME_WIDTH - margin), math.cos(cls.motion_angle)), ((0.0, FRAME_HEIGHT), math.sin(cls.motion_angle))):
+        low, high = lo + radius, hi - radius
         centres.append(_bounce(rng.uniform(low, high) + speed * velocity * times, low, high))
     return _MovingObject(cls.shape, rgb, radius, np.stack(centres, axis=1))
 

@@ -115,7 +115,7 @@ class FinetuneTask(Task):
             return None
         return class_balanced_weights(dataset.label_indices, self.manifest.num_classes)
 
-    def step_loss(self, engine, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(self, engine, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
         head = draw_training_head(self.recipe.finetune_mode, ctx.shared)
         frames = _to(batch, "frame", ctx) if head != "audio" else None
         audio = _to(batch, "audio", ctx) if head != "visual" else None
@@ -125,7 +125,7 @@ class FinetuneTask(Task):
             loss = F.binary_cross_entropy_with_logits(logits, target)
         else:  # cross-entropy with soft (mixup / smoothed) targets
             loss = -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
-        return loss, {f"head_{head}": 1.0}
+        return loss, {"head": head}
 
     def validate(self, model: nn.Module, dataset: EvalClips, env: DistEnv, ctx: StepContext) -> dict[str, float]:
         multi_label = self.manifest.multi_label

@@ -180,7 +180,8 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
             }
             if metrics_log:
                 metrics_log.write(record)
-            tracker.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=global_step)
+            numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+            tracker.log_metrics(numeric, step=global_step)
             if recipe.checkpoint_every and global_step % recipe.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                 save(epoch, step_in_epoch)
             timer.restart()

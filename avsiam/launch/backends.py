@@ -1,0 +1,110 @@
+"""One entry point for every way to run ``avsiam <args>`` on N nodes x G GPUs.
+
+``launch("slurm", ["train", "pretrain", ...], nodes=8, gpus_per_node=8, partition="v100")``
+is what the Prefect flow calls and what ``avsiam launch`` runs. Each backend is a small
+frozen dataclass of its own options with two methods: ``render(spec)``, exactly what would be
+run or submitted (the ``--dry-run`` output), and ``run(spec, log_line=, wall_clock_limit_s=)``,
+which runs or submits it and waits for the exit code.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+from avsiam.launch.hostfile import HostfileBackend
+from avsiam.launch.kubernetes import KubernetesBackend
+from avsiam.launch.local import ENTRY_MODULE, deepspeed_command, free_port
+from avsiam.launch.slurm import SlurmBackend
+from avsiam.launch.spec import LaunchSpec
+from avsiam.launch.supervisor import run_supervised
+
+LOCAL_LAUNCHERS = ("deepspeed", "torchrun")
+
+
+class Backend(Protocol):
+    def render(self, spec: LaunchSpec) -> str: ...
+
+    def run(self, spec: LaunchSpec, *, log_line: Callable[[str], None], wall_clock_limit_s: float | None) -> int: ...
+
+
+def torchrun_launcher() -> str:
+    """The ``torchrun`` script of this environment (beside the running interpreter)."""
+    script = Path(sys.executable).parent / "torchrun"
+    if not script.exists():
+        raise FileNotFoundError(f"torchrun is not installed beside {sys.executable}")
+    return str(script)
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    launcher: str = "deepspeed"
+    master_port: int | None = None  # default: a free port
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LOCAL_LAUNCHERS:
+            raise ValueError(f"--launcher {self.launcher!r}: the local backend takes one of {', '.join(LOCAL_LAUNCHERS)}")
+
+    def command(self, spec: LaunchSpec) -> list[str]:
+        if spec.nodes != 1:
+            raise ValueError("the local backend runs on this node only: --nodes 1 (or the hostfile, slurm or kubernetes backend)")
+        if self.launcher == "deepspeed":
+            return deepspeed_command(spec.gpus_per_node, spec.entry_args, self.master_port)
+        return [torchrun_launcher(), "--nnodes", "1", "--nproc_per_node", str(spec.gpus_per_node), "--master_addr", "127.0.0.1",
+                "--master_port", str(self.master_port or free_port()), "--module", ENTRY_MODULE, *spec.entry_args]
+
+    def render(self, spec: LaunchSpec) -> str:
+        return shlex.join(self.command(spec)) + "\n"
+
+    def run(self, spec: LaunchSpec, *, log_line: Callable[[str], None] = print, wall_clock_limit_s: float | None = None) -> int:
+        return run_supervised(self.command(spec), env=spec.process_env(), log_line=log_line, wall_clock_limit_s=wall_clock_limit_s)
+
+
+BACKENDS: dict[str, type] = {
+    "local": LocalBackend, "hostfile": HostfileBackend, "slurm": SlurmBackend, "kubernetes": KubernetesBackend,
+}
+
+
+def make_backend(name: str, **options) -> Backend:
+    """The backend called ``name`` with its options; an option it does not take is an error
+    that names the command-line flag (``--partition does not apply to the local backend``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    cls = BACKENDS[name]
+    foreign = sorted(set(options) - {f.name for f in fields(cls)})
+    if foreign:
+        flags = ", ".join("--" + option.replace("_", "-") for option in foreign)
+        raise ValueError(f"{flags} does not apply to the {name} backend")
+    return cls(**options)
+
+
+def launch(
+    backend: str,
+    entry_args: Sequence[str],
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    output_dir: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    log_line: Callable[[str], None] = print,
+    wall_clock_limit_s: float | None = None,
+    dry_run: bool = False,
+    **backend_options,
+) -> int:
+    """Run ``avsiam <entry_args>`` through ``backend`` and return its exit code.
+
+    ``output_dir`` defaults to the ``--output`` of ``entry_args``; the cluster backends keep
+    their state there (the Slurm job id) and derive the job name from it. With ``dry_run``
+    the argv, sbatch script or manifest goes to ``log_line``, line by line, and nothing runs.
+    """
+    spec = LaunchSpec.create(entry_args, nodes=nodes, gpus_per_node=gpus_per_node, output_dir=output_dir, env=env)
+    chosen = make_backend(backend, **backend_options)
+    if dry_run:
+        for line in chosen.render(spec).splitlines():
+            log_line(line)
+        return 0
+    return chosen.run(spec, log_line=log_line, wall_clock_limit_s=wall_clock_limit_s)

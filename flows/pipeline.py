@@ -1,0 +1,178 @@
+"""The ``avsiam`` flow: stage data -> pretrain -> finetune (one or more recipes) -> evaluate.
+
+``prefect deployment run avsiam/full --param profile=demo --param output_dir=PATH`` runs it
+through a deployment; ``python -m flows.demo`` runs it in-process (ephemeral Prefect). A new
+run with the same inputs skips every completed stage (content-keyed cache, results persisted
+under ``output_dir``); a stage that failed continues from its checkpoint; ``force`` recomputes
+the named stages. Every stage has an MLflow child run under the flow run's parent run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.filesystems import LocalFileSystem
+
+from avsiam import __version__
+from avsiam.config import resolve_recipe
+from flows import mlflow_runs
+from flows.params import DatasetSource, LauncherSettings, PipelineConfig, StageName, StageOverrides, resolve_pipeline
+from flows.stages import EvalManifest, TrainManifest, evaluate_stage, stage_data, stage_key, train_stage
+
+
+def _source_fingerprint(source: DatasetSource) -> str:
+    """What identifies the source's content: its spec for synthetic data, else a listing digest."""
+    if source.is_synthetic:
+        return stage_key("synthetic", source.synthetic.model_dump())
+    from avsiam.data.sources import source_fingerprint
+
+    return source_fingerprint(source.source, source.labels, source.classes_csv)
+
+
+def _result_storage(out: Path, results_store: str | None):
+    """Where stage results (the cache records) persist: ``results_store`` (an s3:// prefix, read
+    with the environment's AWS credentials, which are never stored in the block) or, by
+    default, ``output_dir/.prefect-results``. Prefect needs the block saved server-side."""
+    import hashlib
+    import os
+
+    name = "avsiam-results-" + hashlib.sha256(str(results_store or out).encode()).hexdigest()[:12]
+    if results_store:
+        from prefect_aws import AwsCredentials, S3Bucket
+        from prefect_aws.client_parameters import AwsClientParameters
+
+        from avsiam.storage.s3 import parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(results_store)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        block = S3Bucket(bucket_name=bucket, bucket_folder=prefix,
+                         credentials=AwsCredentials(aws_client_parameters=AwsClientParameters(endpoint_url=endpoint)))
+    else:
+        block = LocalFileSystem(basepath=str(out / ".prefect-results"))
+    block.save(name, overwrite=True)
+    return block
+
+
+def _with_options(task_fn, stage: str, config: PipelineConfig, storage):
+    return task_fn.with_options(result_storage=storage, refresh_cache=stage in config.force)
+
+
+@flow(name="avsiam", log_prints=True)
+def avsiam_pipeline(
+    profile: str = "demo",
+    output_dir: str = "avsiam_runs",
+    model: str | None = None,
+    dataset: DatasetSource | None = None,
+    finetune_datasets: dict[str, DatasetSource] | None = None,
+    pretrain_recipe: str | None = None,
+    finetune_recipes: list[str] | None = None,
+    launcher: LauncherSettings | None = None,
+    overrides: StageOverrides | None = None,
+    variant: str | None = None,
+    force: list[StageName] | None = None,
+    checkpoint_store: str | None = None,
+    results_store: str | None = None,
+) -> dict[str, Any]:
+    """Run the AVSiam pipeline for ``profile`` (demo, paper-base, paper-large, paper-huge);
+    explicit parameters override the profile's values. ``checkpoint_store``: an s3:// prefix
+    the DeepSpeed checkpoints are synced to (only their URI is logged to MLflow);
+    ``results_store``: an s3:// prefix for the stage cache records (default: output_dir)."""
+    log = get_run_logger()
+    config = resolve_pipeline(profile, output_dir, model=model, dataset=dataset, finetune_datasets=finetune_datasets,
+                              pretrain_recipe=pretrain_recipe, finetune_recipes=finetune_recipes, launcher=launcher,
+                              overrides=overrides, variant=variant, force=force)
+    out = Path(config.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for store in (checkpoint_store, results_store):
+        if store:
+            from avsiam.storage.s3 import check_access
+
+            check_access(store)  # bad credentials or bucket fail here, before any stage
+    tracking_uri = mlflow_runs.ensure_tracking_uri(out)
+    storage = _result_storage(out, results_store)
+    ctx = get_run_context()
+    deployment = getattr(ctx.flow_run, "deployment_id", None)
+    parent = mlflow_runs.parent_run(str(ctx.flow_run.id), {
+        "avsiam.profile": profile, "avsiam.version": __version__, "avsiam.model": config.model,
+        "prefect.deployment_id": str(deployment or ""), "prefect.flow_run_name": ctx.flow_run.name,
+    })
+    mlflow_runs.log_params_once(parent, config.model_dump(mode="json"))
+    log.info("MLflow: %s (parent run %s)", tracking_uri, parent)
+    try:
+        summary = _run_stages(config, out, storage, parent, checkpoint_store)
+    except BaseException:
+        mlflow_runs.finish(parent, failed=True)
+        raise
+    mlflow_runs.finish(parent)
+    return summary
+
+
+def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpoint_store: str | None) -> dict[str, Any]:
+    datasets: dict[str, Any] = {}
+
+    def staged(source: DatasetSource):
+        """Stage each distinct source once."""
+        key = stage_key("stage_data", {"source": source.model_dump(exclude={"workers"}), "content": _source_fingerprint(source)})
+        if key not in datasets:
+            datasets[key] = _with_options(stage_data, "stage_data", config, storage)(
+                key=key, source=source, data_dir=str(out / "data" / key[:16]), parent_run_id=parent)
+        return datasets[key]
+
+    pre_data = staged(config.dataset)
+    mlflow_runs.set_tags(parent, {"avsiam.dataset_digest": pre_data.dataset_digest})
+    pre_recipe = resolve_recipe(config.model, config.pretrain_recipe, config.overrides.pretrain, variant=config.variant)
+    pre_key = stage_key("pretrain", {"recipe": pre_recipe.model_dump(mode="json", exclude={"num_workers", "checkpoint_every"}),
+                                     "data": pre_data.dataset_digest})
+    pretrained: TrainManifest = _with_options(train_stage, "pretrain", config, storage)(
+        key=pre_key, stage="pretrain", model=config.model, recipe=config.pretrain_recipe, overrides=config.overrides.pretrain,
+        variant=config.variant, data=pre_data, init=None, run_dir=str(out / "pretrain" / pre_key[:16]),
+        launcher=config.launcher_for("pretrain"), parent_run_id=parent, checkpoint_store=checkpoint_store)
+
+    evaluations: list[EvalManifest] = []
+    stage_hours = {"pretrain": pretrained.gpu_hours}
+    for recipe_name in config.finetune_recipes:
+        data = staged(config.dataset_for(recipe_name))
+        recipe = resolve_recipe(config.model, recipe_name, config.overrides.finetune, variant=config.variant)
+        ft_key = stage_key("finetune", {"recipe": recipe.model_dump(mode="json", exclude={"num_workers", "checkpoint_every"}),
+                                        "data": data.dataset_digest, "init": pretrained.weights_digest})
+        finetuned: TrainManifest = _with_options(train_stage, "finetune", config, storage)(
+            key=ft_key, stage="finetune", model=config.model, recipe=recipe_name, overrides=config.overrides.finetune,
+            variant=config.variant, data=data, init=pretrained, run_dir=str(out / "finetune" / recipe_name / ft_key[:16]),
+            launcher=config.launcher_for("finetune"), parent_run_id=parent, checkpoint_store=checkpoint_store)
+        stage_hours[f"finetune:{recipe_name}"] = finetuned.gpu_hours
+        ev_key = stage_key("evaluate", {"recipe": recipe_name, "model": config.model, "variant": config.variant,
+                                        "data": data.dataset_digest, "weights": finetuned.weights_digest})
+        evaluation = _with_options(evaluate_stage, "evaluate", config, storage)(
+            key=ev_key, model=config.model, recipe=recipe_name, overrides=config.overrides.finetune, variant=config.variant,
+            data=data, finetuned=finetuned, run_dir=str(out / "evaluate" / recipe_name / ev_key[:16]), parent_run_id=parent)
+        mlflow_runs.log_metrics(evaluation.mlflow_run_id, {"pipeline_gpu_hours": pretrained.gpu_hours + finetuned.gpu_hours})
+        evaluations.append(evaluation)
+
+    total = sum(stage_hours.values())
+    headline = {f"{e.recipe}.{e.metric}": e.results[e.metric] for e in evaluations}
+    mlflow_runs.log_metrics(parent, {"gpu_hours_total": total, **headline})
+    table = _results_markdown(config, evaluations, stage_hours)
+    create_markdown_artifact(key="avsiam-results", markdown=table, description="AVSiam pipeline results and GPU-hours")
+    return {
+        "output_dir": str(out), "mlflow_parent_run_id": parent, "gpu_hours_total": total, "stage_gpu_hours": stage_hours,
+        "pretrain": pretrained.model_dump(), "results": {e.recipe: e.results for e in evaluations}, "results_markdown": table,
+    }
+
+
+def _results_markdown(config: PipelineConfig, evaluations: list[EvalManifest], stage_hours: dict[str, float]) -> str:
+    lines = [f"## avsiam `{config.profile}`: model {config.model}", "",
+             "| recipe | metric | multimodal | audio-only | visual-only | GPU-hours (pretrain + finetune) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for e in evaluations:
+        m = e.metric
+        hours = stage_hours["pretrain"] + stage_hours[f"finetune:{e.recipe}"]
+        audio = e.results.get("audio_only", {}).get(m)
+        visual = e.results.get("visual_only", {}).get(m)
+        lines.append(f"| {e.recipe} | {m} | {e.results[m]:.4f} | {'-' if audio is None else f'{audio:.4f}'} | "
+                     f"{'-' if visual is None else f'{visual:.4f}'} | {hours:.4f} |")
+    lines += ["", f"GPU-hours in total: {sum(stage_hours.values()):.4f} (wall-clock x devices; CPU ranks count as devices)"]
+    return "\n".join(lines)

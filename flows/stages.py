@@ -1,0 +1,222 @@
+"""The pipeline's stages as Prefect tasks. Each returns a small manifest, never tensors.
+
+Caching: each stage's cache key is a digest of (stage name, the stage's resolved
+configuration, the upstream manifest's digest, the project version), computed by the flow and
+persisted with the result, so a *new* flow run with the same inputs finds completed stages
+``Cached`` (Prefect's default key contains the flow-run id, and ``TASK_SOURCE`` would
+invalidate a 64-GPU stage on a cosmetic edit). The stage folder is named by the same key: a
+stage that failed half-way is re-run in its folder, where training continues from its
+checkpoint and its MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from avsiam import __version__
+from flows import mlflow_runs
+from flows.params import DatasetSource, LauncherSettings
+
+
+class DataManifest(BaseModel):
+    manifest_path: str
+    dataset_digest: str
+    num_clips: int
+    splits: dict[str, int]
+    quarantined: int
+    multi_label: bool
+    mlflow_run_id: str
+
+
+class TrainManifest(BaseModel):
+    stage: str
+    recipe: str
+    run_dir: str
+    weights_path: str
+    weights_digest: str
+    checkpoint_uri: str
+    gpu_hours: float
+    final_validation: dict[str, Any] = {}
+    mlflow_run_id: str
+
+
+class EvalManifest(BaseModel):
+    recipe: str
+    run_dir: str
+    metric: str
+    results: dict[str, Any]
+    mlflow_run_id: str
+
+
+def stage_key(stage: str, payload: Any) -> str:
+    """Digest of (stage, its resolved inputs, project version): the stage's cache key."""
+    blob = json.dumps({"stage": stage, "version": __version__, "payload": payload}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _key_from_parameters(_context, parameters: dict[str, Any]) -> str:
+    return parameters["key"]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_command(entry: list[str], launcher: LauncherSettings | None, env: dict[str, str], log_line) -> int:
+    """Run ``avsiam <entry>``: on local ranks through the deepspeed launcher, supervised as one
+    process group (killed as a whole on cancellation or at the wall-clock limit)."""
+    from avsiam.launch.local import deepspeed_command
+    from avsiam.launch.supervisor import run_supervised
+
+    if launcher is None:
+        argv = [sys.executable, "-m", "avsiam.cli.main", *entry]
+        return run_supervised(argv, env=env, log_line=log_line)
+    if launcher.backend != "local":
+        from avsiam.launch.backends import launch
+
+        return launch(launcher.backend, entry, nodes=launcher.nodes, gpus_per_node=launcher.gpus_per_node,
+                      log_line=log_line, wall_clock_limit_s=launcher.wall_clock_limit_s, env=env, **launcher.options)
+    return run_supervised(deepspeed_command(launcher.nproc, entry), env=env, log_line=log_line,
+                          wall_clock_limit_s=launcher.wall_clock_limit_s)
+
+
+@task(name="stage_data", cache_key_fn=_key_from_parameters, persist_result=True)
+def stage_data(key: str, source: DatasetSource, data_dir: str, parent_run_id: str) -> DataManifest:
+    """Materialise the source (generate, or download from S3) and stage it into a manifest."""
+    from avsiam.data.manifest import load_manifest
+    from avsiam.data.staging import stage_dataset
+
+    log = get_run_logger()
+    root = Path(data_dir)
+    run_id = mlflow_runs.stage_run(root, parent_run_id, "stage_data", {"avsiam.source": source.source})
+    mlflow_runs.log_params_once(run_id, source.model_dump())
+    videos, labels, classes = _materialize(source, root, log)
+    result = stage_dataset(labels, root / "staged", videos_dir=videos, classes_csv=classes, val_fraction=source.val_fraction,
+                           max_bad_fraction=source.max_bad_fraction, workers=source.workers, seed=source.synthetic.seed)
+    manifest = load_manifest(result.manifest_path)
+    log.info("staged %d clips (%d reused, %d quarantined), dataset digest %s", result.staged, result.reused,
+             len(result.quarantined), manifest.dataset_digest)
+    mlflow_runs.log_metrics(run_id, {"num_clips": len(manifest.clips), "quarantined": len(result.quarantined),
+                                     "staged": result.staged, "reused": result.reused})
+    mlflow_runs.set_tags(run_id, {"avsiam.dataset_digest": manifest.dataset_digest})
+    mlflow_runs.log_artifacts(run_id, [root / "staged" / "quarantine.csv", result.manifest_path])
+    mlflow_runs.finish(run_id)
+    return DataManifest(manifest_path=str(result.manifest_path), dataset_digest=manifest.dataset_digest,
+                        num_clips=len(manifest.clips), splits=manifest.split_counts(), quarantined=len(result.quarantined),
+                        multi_label=manifest.multi_label, mlflow_run_id=run_id)
+
+
+def _materialize(source: DatasetSource, root: Path, log) -> tuple[Path, list[Path], Path | None]:
+    """(videos folder, label files, classes csv) of the source, generated or fetched as needed."""
+    if source.is_synthetic:
+        from avsiam.data.synthetic import generate_synthetic_dataset
+
+        raw = root / "synthetic"
+        spec = source.synthetic
+        if not (raw / ".complete").exists():
+            if raw.exists():
+                import shutil
+
+                shutil.rmtree(raw)  # an interrupted generation: start it again
+            log.info("generating %d synthetic clips of %d classes", spec.clips, spec.classes)
+            generate_synthetic_dataset(raw, spec.classes, spec.clips, multi_label=spec.multi_label, seed=spec.seed,
+                                       workers=source.workers, progress=False)
+            (raw / ".complete").touch()
+        if spec.multi_label:
+            return raw / "videos", [raw / "train_segments.csv", raw / "eval_segments.csv"], raw / "class_labels_indices.csv"
+        return raw / "videos", [raw / "labels.csv"], None
+    from avsiam.data.sources import materialize_source
+
+    local = materialize_source(source.source, root / "source", label_files=source.labels, classes_csv=source.classes_csv,
+                               workers=max(4, source.workers))
+    return local.videos_dir, list(local.label_files), local.classes_csv
+
+
+@task(name="train", cache_key_fn=_key_from_parameters, persist_result=True)
+def train_stage(
+    key: str,
+    stage: str,
+    model: str,
+    recipe: str,
+    overrides: list[str],
+    variant: str | None,
+    data: DataManifest,
+    init: TrainManifest | None,
+    run_dir: str,
+    launcher: LauncherSettings,
+    parent_run_id: str,
+    checkpoint_store: str | None = None,
+) -> TrainManifest:
+    """Pretrain or finetune through the training engine; resumes from the run folder's checkpoint."""
+    from avsiam.eval.plots import plot_loss_curve
+
+    log = get_run_logger()
+    out = Path(run_dir)
+    run_id = mlflow_runs.stage_run(out, parent_run_id, stage, {"avsiam.recipe": recipe, "avsiam.model": model,
+                                                               "avsiam.dataset_digest": data.dataset_digest})
+    entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.manifest_path, "--output", str(out),
+             *(["--init", init.weights_path] if init else []), *(["--variant", variant] if variant else []), *overrides]
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id}
+    code = _run_command(entry, launcher, env, log.info)
+    if code != 0:
+        mlflow_runs.finish(run_id, failed=True)
+        raise RuntimeError(f"{stage} ({recipe}) exited with code {code}; run the flow again to resume from {out / 'checkpoints'}")
+    summary = json.loads((out / "summary.json").read_text())
+    weights = Path(summary["weights"])
+    checkpoint_uri = summary["checkpoint"]
+    if checkpoint_store:
+        from avsiam.storage.s3 import sync_tree_to_s3
+
+        checkpoint_uri = f"{checkpoint_store.rstrip('/')}/{stage}/{key[:16]}/checkpoints"
+        sync_tree_to_s3(out / "checkpoints", checkpoint_uri)
+    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+    mlflow_runs.set_tags(run_id, {"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
+    mlflow_runs.log_artifacts(run_id, [out / "config.yaml", out / "summary.json", out / "loss_curve.png"])
+    mlflow_runs.log_artifacts(run_id, [weights], artifact_path="model")
+    mlflow_runs.finish(run_id)
+    return TrainManifest(stage=stage, recipe=recipe, run_dir=str(out), weights_path=str(weights),
+                         weights_digest=_file_sha256(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
+                         final_validation={k: v for k, v in summary.get("final_validation", {}).items() if isinstance(v, (int, float))},
+                         mlflow_run_id=run_id)
+
+
+@task(name="evaluate", cache_key_fn=_key_from_parameters, persist_result=True)
+def evaluate_stage(
+    key: str, model: str, recipe: str, overrides: list[str], variant: str | None, data: DataManifest,
+    finetuned: TrainManifest, run_dir: str, parent_run_id: str,
+) -> EvalManifest:
+    """Score the finetuned weights on the test split and log the report."""
+    from avsiam.eval.plots import plot_per_class_ap
+
+    log = get_run_logger()
+    out = Path(run_dir)
+    run_id = mlflow_runs.stage_run(out, parent_run_id, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
+                                                                    "avsiam.dataset_digest": data.dataset_digest})
+    arch_overrides = [o for o in overrides if o.startswith("arch.")]  # evaluation needs the trained architecture
+    entry = ["evaluate", "--model", model, "--recipe", recipe, "--weights", finetuned.weights_path, "--data", data.manifest_path,
+             "--output", str(out), *(["--variant", variant] if variant else []), *arch_overrides]
+    code = _run_command(entry, None, dict(os.environ), log.info)
+    if code != 0:
+        mlflow_runs.finish(run_id, failed=True)
+        raise RuntimeError(f"evaluate ({recipe}) exited with code {code}")
+    results = json.loads((out / "results.json").read_text())
+    metrics = {k: v for k, v in results.items() if isinstance(v, float)}
+    mlflow_runs.log_params_once(run_id, {"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results["split"]})
+    mlflow_runs.log_metrics(run_id, metrics)
+    plot_per_class_ap(out / "per_class.csv", out / "per_class_ap.png")
+    mlflow_runs.log_artifacts(run_id, [out / "results.json", out / "per_class.csv", out / "per_class_ap.png",
+                                       Path(finetuned.run_dir) / "loss_curve.png"])
+    mlflow_runs.finish(run_id)
+    return EvalManifest(recipe=recipe, run_dir=str(out), metric=results["metric"], results=results, mlflow_run_id=run_id)
