@@ -57,6 +57,21 @@ def _result_storage(out: Path, results_store: str | None):
     return block
 
 
+def _check_stores(config: PipelineConfig, checkpoint_store: str | None, results_store: str | None) -> None:
+    """Bad S3 credentials, endpoint or bucket fail the flow here, before any stage runs."""
+    sources = [config.dataset, *config.finetune_datasets.values()]
+    s3_sources = [s.source for s in sources if s.source.startswith("s3://")]
+    stores = [s for s in (checkpoint_store, results_store) if s]
+    if not (s3_sources or stores):
+        return
+    from avsiam.storage.s3 import check_access
+
+    for uri in s3_sources:
+        check_access(uri)
+    for uri in stores:
+        check_access(uri, write=True)
+
+
 def _with_options(task_fn, stage: str, config: PipelineConfig, storage):
     return task_fn.with_options(result_storage=storage, refresh_cache=stage in config.force)
 
@@ -87,11 +102,7 @@ def avsiam_pipeline(
                               overrides=overrides, variant=variant, force=force)
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for store in (checkpoint_store, results_store):
-        if store:
-            from avsiam.storage.s3 import check_access
-
-            check_access(store)  # bad credentials or bucket fail here, before any stage
+    _check_stores(config, checkpoint_store, results_store)
     tracking_uri = mlflow_runs.ensure_tracking_uri(out)
     storage = _result_storage(out, results_store)
     ctx = get_run_context()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from s3_fixtures import moto_server, s3_env  # noqa: F401  (moto S3 server for the storage tests)
 
 # Test timings on a shared 2-core machine vary too much for per-example deadlines.
 settings.register_profile("avsiam", deadline=None, max_examples=60)

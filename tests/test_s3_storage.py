@@ -177,8 +177,12 @@ def test_multipart_upload_round_trips_and_is_recognised_unchanged(bucket, tmp_pa
 
 
 def _checkpoint_tree(root, tag: str) -> None:
-    for rel, data in {f"{tag}/mp_rank_00_model_states.pt": tag.encode() * 100, f"{tag}/zero_pp_rank_0_optim_states.pt": b"o" * 500,
-                      "latest": tag.encode()}.items():
+    files = {
+        f"{tag}/mp_rank_00_model_states.pt": tag.encode() * 100,
+        f"{tag}/zero_pp_rank_0_optim_states.pt": b"o" * 500,
+        "latest": tag.encode(),
+    }
+    for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
 
@@ -260,7 +264,8 @@ def test_check_access_without_credentials(s3_env, monkeypatch):
 def _set_moto_auth(url: str, enabled: bool) -> None:
     """moto checks signatures and IAM policies once this many requests have been served."""
     body = b"0" if enabled else b"inf"
-    request = urllib.request.Request(f"{url}/moto-api/reset-auth", data=body, method="POST", headers={"Content-Type": "text/plain"})
+    headers = {"Content-Type": "text/plain"}
+    request = urllib.request.Request(f"{url}/moto-api/reset-auth", data=body, method="POST", headers=headers)
     urllib.request.urlopen(request, timeout=10).close()
 
 

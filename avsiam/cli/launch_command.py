@@ -39,10 +39,14 @@ def _backend_options(p: argparse.ArgumentParser) -> None:
     """Options of one backend or another; their dest is the backend's field name, and one
     given to a backend that does not take it is an error. None means "the backend's default"."""
     g = p.add_argument_group("local and hostfile backends")
-    g.add_argument("--launcher", help="local: deepspeed (default) or torchrun; hostfile: pdsh (default), openmpi, mvapich, mpich, impi, slurm")
-    g.add_argument("--master-port", type=int, help="rendezvous port (slurm: on the first node; default 29500, local: a free port)")
-    g.add_argument("--hostfile", type=Path, help="hostfile: lines of `host slots=N` (written into the run folder with --no-ssh when omitted)")
-    g.add_argument("--no-ssh", action="store_true", default=None, help="hostfile: start this node only (deepspeed --no_ssh), as pods and srun tasks do")
+    g.add_argument("--launcher",
+                   help="local: deepspeed (default) or torchrun; hostfile: pdsh (default), openmpi, mvapich, mpich, impi, slurm")
+    g.add_argument("--master-port", type=int,
+                   help="rendezvous port (slurm: on the first node; default 29500, local: a free port)")
+    g.add_argument("--hostfile", type=Path,
+                   help="hostfile: lines of `host slots=N` (written into the run folder with --no-ssh when omitted)")
+    g.add_argument("--no-ssh", action="store_true", default=None,
+                   help="hostfile: start this node only (deepspeed --no_ssh), as pods and srun tasks do")
     g.add_argument("--node-rank", type=int, help="hostfile --no-ssh: this node's rank, 0..nodes-1")
     g.add_argument("--master-addr", help="hostfile: address of node 0")
 
@@ -56,7 +60,8 @@ def _backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", type=Path, help="sbatch template (default: infra/slurm/train.sbatch.j2)")
 
     g = p.add_argument_group("kubernetes backend")
-    g.add_argument("--k8s-api", choices=["trainjob", "pytorchjob"], help="Kubeflow Trainer v2 TrainJob (default) or Training Operator v1 PyTorchJob")
+    g.add_argument("--k8s-api", choices=["trainjob", "pytorchjob"],
+                   help="Kubeflow Trainer v2 TrainJob (default) or Training Operator v1 PyTorchJob")
     g.add_argument("--namespace")
     g.add_argument("--image", help="training image (default avsiam:cu126)")
     g.add_argument("--runtime", help="ClusterTrainingRuntime of the TrainJob (default torch-distributed)")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from avsiam.data.formats import sniff_label_format
-from avsiam.data.staging import plan_clips
 from avsiam.storage.s3 import NoSuchObjectError, StorageError, download_object, download_tree, fingerprint
 
 log = logging.getLogger(__name__)
@@ -101,6 +100,9 @@ def _fetch_s3_source(uri: str, workdir: Path, label_files: Sequence[str], classe
     if not _names_clips(labels):
         raise SourceError(f"{uri}: CAV-MAE datafiles name local wav and frame paths and cannot be fetched from S3; "
                           "use VGGSound or AudioSet csv label files, or a local folder")
+    # Imported here: staging loads torch and the decoders, which fingerprinting a source does not need.
+    from avsiam.data.staging import plan_clips
+
     videos = workdir / VIDEOS
     videos.mkdir(exist_ok=True)
     # plan_clips reads and checks every label file, so a broken one fails before any clip moves.
@@ -112,7 +114,8 @@ def _fetch_s3_source(uri: str, workdir: Path, label_files: Sequence[str], classe
         raise StorageError(f"{len(report.failed)} clips failed to download from {uri}/{VIDEOS} (run again to resume): {listed}")
     absent = len(needed) - report.downloaded - report.skipped
     if absent:
-        log.warning("%d of %d clips the label files name are not under %s/%s; staging quarantines them", absent, len(needed), uri, VIDEOS)
+        where = f"{uri}/{VIDEOS}"
+        log.warning("%d of %d clips named by the labels are not under %s; staging quarantines them", absent, len(needed), where)
     return LocalSource(workdir.resolve(), videos.resolve(), labels, classes)
 
 

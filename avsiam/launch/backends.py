@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import shlex
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from avsiam.launch.hostfile import HostfileBackend
 from avsiam.launch.kubernetes import KubernetesBackend
@@ -61,12 +62,34 @@ class LocalBackend:
         return shlex.join(self.command(spec)) + "\n"
 
     def run(self, spec: LaunchSpec, *, log_line: Callable[[str], None] = print, wall_clock_limit_s: float | None = None) -> int:
-        return run_supervised(self.command(spec), env=spec.process_env(), log_line=log_line, wall_clock_limit_s=wall_clock_limit_s)
+        return run_supervised(self.command(spec), env=spec.process_env(), log_line=log_line,
+                              wall_clock_limit_s=wall_clock_limit_s)
 
 
 BACKENDS: dict[str, type] = {
     "local": LocalBackend, "hostfile": HostfileBackend, "slurm": SlurmBackend, "kubernetes": KubernetesBackend,
 }
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _typed(cls: type, option: str, value: Any) -> Any:
+    """An option given as text (a Prefect form, a YAML profile) as the type of its field."""
+    if not isinstance(value, str):
+        return value
+    hint = typing.get_type_hints(cls)[option]
+    kinds = set(typing.get_args(hint)) or {hint}
+    if bool in kinds:
+        return value.strip().lower() in ("1", "true", "yes")
+    for kind in (int, float, Path):
+        if kind in kinds:
+            try:
+                return kind(value)
+            except ValueError:
+                raise ValueError(f"{_flag(option)}: {value!r} is not a number") from None
+    return value
 
 
 def make_backend(name: str, **options) -> Backend:
@@ -77,9 +100,8 @@ def make_backend(name: str, **options) -> Backend:
     cls = BACKENDS[name]
     foreign = sorted(set(options) - {f.name for f in fields(cls)})
     if foreign:
-        flags = ", ".join("--" + option.replace("_", "-") for option in foreign)
-        raise ValueError(f"{flags} does not apply to the {name} backend")
-    return cls(**options)
+        raise ValueError(f"{', '.join(map(_flag, foreign))} does not apply to the {name} backend")
+    return cls(**{option: _typed(cls, option, value) for option, value in options.items()})
 
 
 def launch(

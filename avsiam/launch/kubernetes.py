@@ -182,7 +182,8 @@ class KubernetesBackend:
     def delete(self, name: str, log_line: Callable[[str], None], *, wait: bool) -> None:
         done = self._kubectl("delete", RESOURCE[self.k8s_api], name, "--namespace", self.namespace,
                              "--ignore-not-found", f"--wait={str(wait).lower()}")
-        log_line(f"kubectl delete {name}: " + ("ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()}"))
+        outcome = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()}"
+        log_line(f"kubectl delete {name}: {outcome}")
 
     def apply(self, manifest: Mapping[str, Any], log_line: Callable[[str], None]) -> None:
         done = self._kubectl("apply", "--filename", "-", input_text=to_yaml(manifest))
@@ -202,8 +203,8 @@ class KubernetesBackend:
             self.delete(name, log_line, wait=True)
             return False
         if obj["metadata"].get("annotations", {}).get(DIGEST_ANNOTATION) != digest:
-            raise RuntimeError(f"{self.k8s_api} {name} ({current.state}) runs a different spec; "
-                               f"kubectl delete {RESOURCE[self.k8s_api]} {name} -n {self.namespace} first, or use another output folder")
+            raise RuntimeError(f"{self.k8s_api} {name} ({current.state}) runs a different spec; kubectl delete "
+                               f"{RESOURCE[self.k8s_api]} {name} -n {self.namespace} first, or use another output folder")
         log_line(f"re-attaching to {self.k8s_api} {name} ({current.state})")
         return True
 

@@ -47,7 +47,7 @@ def count_parameters(recipe: RecipeConfig) -> ParameterCount:
 @functools.cache
 def _count_parameters(arch_json: str, stage: str, use_mae: bool, finetune_mode: str, num_classes: int) -> ParameterCount:
     arch = ArchConfig.model_validate_json(arch_json)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+    with torch.device("meta"):  # shapes only: no memory allocated, even for Huge
         if stage == "pretrain":
             model = build_pretrain_model(arch, use_mae=use_mae)
         else:

@@ -32,7 +32,7 @@ def _gpu(name: str, memory_gib: int, fp16_tflops: float, bf16: bool = True) -> G
 KNOWN_GPUS: dict[str, Gpu] = {
     gpu.name: gpu
     for gpu in (
-        # V100 SXM2 (the paper's 64-GPU cluster): 125 TFLOPS fp16 tensor. Volta has no bf16.
+        # V100 SXM2: 125 TFLOPS fp16 tensor (the PCIe card: 112). Volta has no bf16.
         _gpu("v100-16gb", 16, 125, bf16=False),
         _gpu("v100-32gb", 32, 125, bf16=False),
         # RTX A5000 datasheet: 27.8 TFLOPS is the fp32 CUDA-core rate, and the "222.2 TFLOPS"

@@ -126,7 +126,11 @@ def s3_client(
     read_timeout: float = 60,
     max_pool_connections: int = 64,
 ):
-    """An S3 client from the standard AWS environment, with botocore's standard retry mode."""
+    """An S3 client from the standard AWS environment, with botocore's standard retry mode.
+
+    botocore finds the endpoint itself (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the
+    shared config file); any endpoint that is not AWS's is addressed path-style.
+    """
     config = Config(
         retries={"max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=connect_timeout,
@@ -194,7 +198,9 @@ def download_tree(
     bucket, prefix = parse_s3_uri(uri)
     client = s3_client()
     folder = _folder(prefix)
-    objects = [o for o in _list(client, uri) if _is_file_key(o.key, folder) and (include is None or include(o.key[len(folder) :]))]
+    objects = [
+        o for o in _list(client, uri) if _is_file_key(o.key, folder) and (include is None or include(o.key[len(folder) :]))
+    ]
     bar = _ByteProgress(sum(o.size for o in objects), uri, progress)
     fetch = partial(_fetch_into, client, bucket, folder, Path(dest_dir), retries, bar)
     try:
@@ -209,7 +215,7 @@ def download_tree(
     )
     log.info("%s: %d downloaded, %d already present, %d failed", uri, report.downloaded, report.skipped, len(report.failed))
     if report.unverified:
-        log.warning("%s: %d objects carry no digest (multipart without checksum); only their size was checked", uri, report.unverified)
+        log.warning("%s: %d objects carry no digest (multipart, no checksum); size checked only", uri, report.unverified)
     return report
 
 
@@ -276,7 +282,8 @@ def sync_tree_to_s3(
             uploaded, failures = _run_parallel(sync, batch, workers)
             if failures:
                 listed = "; ".join(f"{rel}: {why}" for rel, why in sorted(failures.items())[:5])
-                raise StorageError(f"{len(failures)} of {len(files)} files failed to sync to {uri} at {_endpoint_name(client)}: {listed}")
+                where = f"{uri} at {_endpoint_name(client)}"
+                raise StorageError(f"{len(failures)} of {len(files)} files failed to sync to {where}: {listed}")
             report.uploaded += sum(uploaded.values())
             report.unchanged += len(uploaded) - sum(uploaded.values())
     finally:
@@ -332,7 +339,7 @@ def _local_path(dest_dir: Path, rel: str) -> Path:
     """``dest_dir/rel``; a key that would land outside ``dest_dir`` (``..``, ``//``) is refused."""
     parts = rel.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"key part {rel!r} is not a safe local path")
+        raise ValueError(f"key {rel!r} (below the prefix) would land outside the destination folder")
     return dest_dir.joinpath(*parts)
 
 
@@ -377,15 +384,15 @@ def _explain(exc: BaseException, uri: str, endpoint: str) -> str:
     bucket = parse_s3_uri(uri)[0]
     code = _error_code(exc)
     if isinstance(exc, NoCredentialsError):
-        return f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or use an instance role)"
+        return f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or use a role)"
     if isinstance(exc, (BotoConnectionError, HTTPClientError)):
         return f"{uri}: cannot reach the S3 endpoint {endpoint} ({type(exc).__name__})"
-    if code == "NoSuchBucket" or (code == "404" and getattr(exc, "operation_name", "") in ("ListObjectsV2", "HeadBucket")):
+    if code == "NoSuchBucket":
         return f"{uri}: bucket {bucket!r} does not exist at {endpoint}"
     if code in _MISSING:
         return f"{uri} does not exist at {endpoint}"
     if code in _BAD_CREDENTIALS:
-        return f"{uri}: {endpoint} rejected the AWS credentials ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        return f"{uri}: {endpoint} rejected the AWS credentials ({code}); check AWS_ACCESS_KEY_ID and the secret, or AWS_PROFILE"
     if code in _DENIED:
         operation = getattr(exc, "operation_name", "the request")
         return f"{uri}: access denied to bucket {bucket!r} at {endpoint} ({operation}); the credentials lack the permission"
@@ -456,7 +463,9 @@ def _upload_config(multipart_threshold: int) -> TransferConfig:
     )
 
 
-def _fetch_into(client, bucket: str, folder: str, dest_dir: Path, retries: int, bar: _ByteProgress, obj: ObjectInfo) -> tuple[str, bool]:
+def _fetch_into(
+    client, bucket: str, folder: str, dest_dir: Path, retries: int, bar: _ByteProgress, obj: ObjectInfo
+) -> tuple[str, bool]:
     return _fetch_with_retries(client, bucket, obj.key, _local_path(dest_dir, obj.key[len(folder) :]), retries, bar)
 
 
@@ -496,7 +505,16 @@ def _fetch(client, bucket: str, key: str, path: Path, bar: _ByteProgress) -> tup
     return "downloaded", expected is not None
 
 
-def _sync_file(client, bucket: str, folder: str, root: Path, remote: dict[str, ObjectInfo], config: TransferConfig, bar: _ByteProgress, rel: str) -> bool:
+def _sync_file(
+    client,
+    bucket: str,
+    folder: str,
+    root: Path,
+    remote: dict[str, ObjectInfo],
+    config: TransferConfig,
+    bar: _ByteProgress,
+    rel: str,
+) -> bool:
     """Upload ``root/rel`` unless S3 holds the same content; True when it was uploaded."""
     path, key = root / rel, folder + rel
     if key in remote and _same_content(client, bucket, remote[key], path):
