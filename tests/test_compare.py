@@ -14,7 +14,6 @@ import pytest
 from mlflow import MlflowClient
 
 from avsiam.cli import compare_command
-from avsiam.cli import main as cli_main
 from avsiam.tracking.compare import compare_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -214,7 +213,6 @@ def test_tracking_uri_comes_from_the_environment(store, capsys, monkeypatch: pyt
     assert code == 0 and [r["run_id"] for r in json.loads(out)] == [run_ids[("large", r)] for r in PIPELINES["large"]["evaluations"]]
 
 
-@pytest.mark.skipif(compare_command not in cli_main.COMMANDS, reason="avsiam.cli.main does not register the compare command yet")
 @pytest.mark.parametrize(("argv", "status", "expected"), [([], 0, "43.10"), (["--experiment", "nope"], 1, "no experiment named 'nope'")])
 def test_console_script(store, argv: list[str], status: int, expected: str) -> None:
     uri, _ = store

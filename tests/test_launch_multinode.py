@@ -2,6 +2,7 @@
 hostfile backend, one rank each, rendezvous into one world of 2 and train the tiny model with
 ZeRO-2 to the same per-step losses as a single-node 2-rank run."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -49,6 +50,7 @@ def test_two_nodes_train_to_the_losses_of_one_node(staged_single, tmp_path):
         t.join()
     assert codes == {0: 0, 1: 0}, "\n".join(f"--- node {r}\n" + "\n".join(lines[-60:]) for r, lines in logs.items())
     assert (two / "deepspeed_hostfile").read_text() == "node-0 slots=1\nnode-1 slots=1\n"
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
     expected, got = losses(single), losses(two)
     assert sorted(got) == sorted(expected) == [1, 2, 3]
     for step in expected:

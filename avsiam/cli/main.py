@@ -13,11 +13,19 @@ import sys
 from collections.abc import Sequence
 
 from avsiam import __version__
-from avsiam.cli import data_commands, plan_command, presets_command, train_commands
+from avsiam.cli import (
+    compare_command,
+    data_commands,
+    launch_command,
+    plan_command,
+    presets_command,
+    serve_command,
+    train_commands,
+)
 from avsiam.config import ConfigError
 from avsiam.data.formats import FormatError
 
-COMMANDS = (presets_command, data_commands, train_commands, plan_command)
+COMMANDS = (presets_command, data_commands, train_commands, launch_command, compare_command, plan_command, serve_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,9 @@ class ArchConfig(StrictModel):
     # Audio position table when initialising from a timm ViT: a bicubic 2-D resize of the visual
     # grid, or the published nearest-neighbour 1-D stretch (for parity with released weights).
     audio_pos_init: Literal["bicubic", "nearest_1d"] = "bicubic"
+    # Recompute each encoder block's activations in backward instead of storing them: what
+    # lets Base/Large pretraining batches fit 24 GB A5000s (see `avsiam plan`).
+    activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ArchConfig:
