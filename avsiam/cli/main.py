@@ -9,6 +9,7 @@ exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -40,8 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """The library's INFO messages (resuming, weight loading, tracking) reach the terminal or
+    the orchestrator's log; third-party loggers keep their own levels."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("avsiam")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return int(args.handler(args) or 0)
     except (ConfigError, FormatError, FileNotFoundError) as exc:
