@@ -512,7 +512,7 @@ def _upsample_rows(grid: np.ndarray, size: int) -> np.ndarray:
 def plan_moving_object(cls: SyntheticClass, rng: np.random.Generator, proximity: float) -> _MovingObject:
     """The class's shape in its colour (slightly varied), moving along its direction at a random
     speed from a random start, bouncing off the frame edges."""
-    radius = FRAME_HEIGHT * (0.14 + 0.16 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
+    radius = FRAME_HEIGHT * (0.2 + 0.15 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
     hue = (cls.hue + rng.uniform(-cls.hue_jitter, cls.hue_jitter)) % 1.0
     rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.85, 1.0), rng.uniform(0.8, 1.0)), dtype=np.float32)
     speed = rng.uniform(8.0, 20.0)  # pixels per second
