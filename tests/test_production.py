@@ -215,7 +215,7 @@ def test_killed_finetuning_resumes_when_the_deployment_runs_again(stack, tmp_pat
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         found = list(out.glob("finetune/*/*/checkpoints/latest"))
-        if found and found[0].read_text().strip() in ("step2", "step4"):
+        if found and found[0].read_text().strip() in ("step2", "step4", "step6"):
             latest = found[0]
             break
         time.sleep(0.2)
