@@ -32,7 +32,7 @@ def test_finetune_targets_follow_label_smoothing_and_mixup(manifest):
     eps, c = recipe.label_smoothing, manifest.num_classes
     label = ds.label_indices[0][0]
     assert target[label] == pytest.approx(1 - eps) and target.sum() == pytest.approx(1 - eps + (c - 1) * eps / c)
-    mixed = FinetuneClips(manifest, "train", resolve_recipe("tiny", "finetune_vggsound", ["mixup_rate=1.0"]))
+    mixed = FinetuneClips(manifest, "train", resolve_recipe("tiny", "finetune_vggsound", ["mixup=true", "mixup_rate=1.0"]))
     targets = torch.stack([mixed[(i, 11)]["target"] for i in range(8)])
     assert (targets > eps / c + 1e-6).sum(dim=1).max() == 2  # some clip was mixed with another class
     assert torch.allclose(targets.sum(dim=1), torch.full((8,), 1 - eps + eps))

@@ -177,7 +177,7 @@ def test_deployment_run_logs_runs_params_metrics_and_s3_artifacts(stack, tmp_pat
     assert set(children["tags.avsiam.stage"]) == {"stage_data", "pretrain", "finetune", "evaluate"}
     for stage in ("pretrain", "finetune"):
         row = children[children["tags.avsiam.stage"] == stage].iloc[0]
-        assert row["metrics.gpu_hours"] > 0 and row["params.lr"] and row["params.arch.embed_dim"] == "64"
+        assert row["metrics.gpu_hours"] > 0 and row["params.lr"] and row["params.arch.embed_dim"] == "128"
         assert row["params.weight_decay"] == "5e-07" and row["tags.avsiam.checkpoint_uri"].startswith("s3://avsiam-checkpoints/")
     evaluate = children[children["tags.avsiam.stage"] == "evaluate"].iloc[0]
     assert evaluate["tags.avsiam.recipe"] == "finetune_vggsound"

@@ -487,7 +487,10 @@ def render_frames(classes: Sequence[SyntheticClass], rng: np.random.Generator, p
     """The clip's RGB frames (float32 H x W x 3 in 0..1), one at a time: each class's object
     moving over a randomly coloured, blotchy background."""
     background = random_background(rng)
-    objects = [plan_moving_object(cls, rng, proximity) for cls in classes]
+    # Several objects share the frame at a combined area of about one: full-size objects in the
+    # central square would hide each other, and a hidden class cannot be learned from the frames.
+    scale = 1 / math.sqrt(len(classes))
+    objects = [plan_moving_object(cls, rng, proximity, scale) for cls in classes]
     for index in range(CLIP_SECONDS * FRAMES_PER_SECOND):
         frame = background.copy()
         for obj in objects:
@@ -509,10 +512,12 @@ def _upsample_rows(grid: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.interp(positions, np.arange(grid.shape[0]), column) for column in grid.T], axis=1)
 
 
-def plan_moving_object(cls: SyntheticClass, rng: np.random.Generator, proximity: float) -> _MovingObject:
-    """The class's shape in its colour (slightly varied), moving along its direction at a random
-    speed from a random start, bouncing off the frame edges."""
-    radius = FRAME_HEIGHT * (0.2 + 0.15 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
+def plan_moving_object(
+    cls: SyntheticClass, rng: np.random.Generator, proximity: float, scale: float = 1.0
+) -> _MovingObject:
+    """The class's shape in its colour (slightly varied), ``scale`` times its usual size, moving
+    along its direction at a random speed from a random start, bouncing off the frame edges."""
+    radius = scale * FRAME_HEIGHT * (0.2 + 0.15 * proximity) * rng.uniform(0.95, 1.05)  # nearer is larger
     hue = (cls.hue + rng.uniform(-cls.hue_jitter, cls.hue_jitter)) % 1.0
     rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.85, 1.0), rng.uniform(0.8, 1.0)), dtype=np.float32)
     speed = rng.uniform(8.0, 20.0)  # pixels per second
