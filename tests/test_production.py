@@ -104,7 +104,8 @@ class Stack:
                    extra={"PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_db})
         wait_for(f"http://127.0.0.1:{self.mlflow_port}/health", 180)
         wait_for(f"http://127.0.0.1:{self.prefect_port}/api/health", 180)
-        self.cli(["work-pool", "create", "avsiam-local", "--type", "process", "--overwrite"])
+        bootstrap = subprocess.run([str(BIN / "python"), "-m", "flows.bootstrap"], cwd=REPO, env=self.env, capture_output=True, text=True)
+        assert bootstrap.returncode == 0, bootstrap.stderr[-3000:]
         self.cli(["--no-prompt", "deploy", "--all"])
         self.start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "avsiam-local", "--limit", "1"])
 
@@ -199,6 +200,19 @@ def _prefect_client(stack):
     from prefect.client.orchestration import SyncPrefectClient
 
     return SyncPrefectClient(stack.env["PREFECT_API_URL"])
+
+
+def test_bootstrap_created_the_pool_and_the_zombie_run_automation_once(stack):
+    again = subprocess.run([str(BIN / "python"), "-m", "flows.bootstrap"], cwd=REPO, env=stack.env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr.count("exists") == 2, again.stderr
+    with _prefect_client(stack) as client:
+        assert client.read_work_pool("avsiam-local").type == "process"
+        automations = client.read_automations_by_name("avsiam: crash flow runs whose heartbeats stopped")
+    assert len(automations) == 1
+    trigger, action = automations[0].trigger, automations[0].actions[0]
+    assert trigger.after == {"prefect.flow-run.heartbeat"} and "prefect.flow-run.Completed" in trigger.expect
+    assert trigger.posture == "Proactive" and trigger.within.total_seconds() == 3 * 180
+    assert action.type == "change-flow-run-state" and action.state.value == "CRASHED"
 
 
 def _flow_run_state(stack, flow_run_id: str) -> str:
