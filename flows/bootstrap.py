@@ -15,7 +15,6 @@ Run it once per server, against ``PREFECT_API_URL``; running it again changes no
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from datetime import timedelta
 
@@ -33,8 +32,6 @@ WORK_POOL = "avsiam-local"  # prefect.yaml's deployments run here
 ZOMBIE_AUTOMATION = "avsiam: crash flow runs whose heartbeats stopped"
 # Prefect's guidance: declare a run dead after missing about three heartbeats.
 MISSED_HEARTBEATS = 3
-
-log = logging.getLogger("avsiam.bootstrap")
 
 
 def ensure_work_pool(name: str = WORK_POOL) -> bool:
@@ -96,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-seconds", type=int, default=None,
                         help="flow-run heartbeat period (default: PREFECT_FLOWS_HEARTBEAT_FREQUENCY)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     created = ensure_work_pool()
-    log.info("work pool %s: %s", WORK_POOL, "created" if created else "exists")
+    print(f"work pool {WORK_POOL}: {'created' if created else 'exists'}")
     created = ensure_zombie_run_automation(args.heartbeat_seconds)
-    log.info("automation %r: %s", ZOMBIE_AUTOMATION, "created" if created else "exists")
+    print(f"automation {ZOMBIE_AUTOMATION!r}: {'created' if created else 'exists'}")
     return 0
 
 

@@ -105,7 +105,7 @@ class Stack:
         wait_for(f"http://127.0.0.1:{self.mlflow_port}/health", 180)
         wait_for(f"http://127.0.0.1:{self.prefect_port}/api/health", 180)
         bootstrap = subprocess.run([str(BIN / "python"), "-m", "flows.bootstrap"], cwd=REPO, env=self.env, capture_output=True, text=True)
-        assert bootstrap.returncode == 0, bootstrap.stderr[-3000:]
+        assert bootstrap.returncode == 0 and bootstrap.stdout.count(": created") == 2, bootstrap.stdout + bootstrap.stderr[-3000:]
         self.cli(["--no-prompt", "deploy", "--all"])
         self.start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "avsiam-local", "--limit", "1"])
 
@@ -204,7 +204,7 @@ def _prefect_client(stack):
 
 def test_bootstrap_created_the_pool_and_the_zombie_run_automation_once(stack):
     again = subprocess.run([str(BIN / "python"), "-m", "flows.bootstrap"], cwd=REPO, env=stack.env, capture_output=True, text=True)
-    assert again.returncode == 0 and again.stderr.count("exists") == 2, again.stderr
+    assert again.returncode == 0 and again.stdout.count(": exists") == 2, again.stdout + again.stderr
     with _prefect_client(stack) as client:
         assert client.read_work_pool("avsiam-local").type == "process"
         automations = client.read_automations_by_name("avsiam: crash flow runs whose heartbeats stopped")
