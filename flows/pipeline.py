@@ -176,7 +176,7 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpo
 
 def _results_markdown(config: PipelineConfig, evaluations: list[EvalManifest], stage_hours: dict[str, float]) -> str:
     lines = [f"## avsiam `{config.profile}`: model {config.model}", "",
-             "| recipe | metric | multimodal | audio-only | visual-only | GPU-hours (pretrain + finetune) |",
+             "| recipe | metric | multimodal | audio-only | visual-only | GPU-hours |",
              "| --- | --- | --- | --- | --- | --- |"]
     for e in evaluations:
         m = e.metric
@@ -185,5 +185,6 @@ def _results_markdown(config: PipelineConfig, evaluations: list[EvalManifest], s
         visual = e.results.get("visual_only", {}).get(m)
         lines.append(f"| {e.recipe} | {m} | {e.results[m]:.4f} | {'-' if audio is None else f'{audio:.4f}'} | "
                      f"{'-' if visual is None else f'{visual:.4f}'} | {hours:.4f} |")
-    lines += ["", f"GPU-hours in total: {sum(stage_hours.values()):.4f} (wall-clock x devices; CPU ranks count as devices)"]
+    lines += ["", "GPU-hours of a row: its pretraining and finetuning (wall-clock x devices; CPU ranks count as devices).", "",
+              f"GPU-hours in total: {sum(stage_hours.values()):.4f}"]
     return "\n".join(lines)
