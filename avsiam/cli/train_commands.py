@@ -62,6 +62,7 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from avsiam.train.distributed import shutdown_distributed
     from avsiam.train.trainer import train, write_config
 
     recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
@@ -78,6 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
                  *(["--variant", args.variant] if args.variant else []), *args.overrides]
         return run_supervised(deepspeed_command(args.nproc, entry))
     summary = train(recipe, args.data, args.output, init_weights=args.init)
+    shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     return 0
@@ -85,9 +87,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.eval.evaluate import evaluate
+    from avsiam.train.distributed import shutdown_distributed
 
     recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
     results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
+    shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(results, indent=1))
     return 0

@@ -80,3 +80,13 @@ def broadcast_object(obj):
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group once this rank's work is done: wait for the others, then tear
+    gloo/NCCL down before the interpreter exits. A group left to interpreter teardown can abort a
+    finished rank ("terminate called without an active exception"), and the launcher then
+    reports a run that completed as failed."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
