@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
 from avsiam.tracking import flatten_params
+from avsiam.tracking.mlflow_tracker import LOCAL_ARTIFACTS_NAME
 
 EXPERIMENT = "avsiam"
 RUN_ID_FILE = "mlflow_run_id"
@@ -34,9 +35,20 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a local sqlite store go beside its database: MLflow's default would be
+    ``./mlruns`` in whatever folder the flow happens to run from. A server decides its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (database.resolve().parent / LOCAL_ARTIFACTS_NAME).as_uri()
+
+
 def experiment_id(c: MlflowClient) -> str:
     exp = c.get_experiment_by_name(EXPERIMENT)
-    return exp.experiment_id if exp else c.create_experiment(EXPERIMENT)
+    if exp:
+        return exp.experiment_id
+    return c.create_experiment(EXPERIMENT, artifact_location=local_artifact_location(c.tracking_uri))
 
 
 def parent_run(flow_run_id: str, tags: Mapping[str, str]) -> str:

@@ -61,3 +61,16 @@ def test_prefect_yaml_declares_full_and_a_non_overlapping_scheduled_retrain():
 
     served = {d.name: d for d in deployments_from_prefect_yaml()}
     assert served["retrain"].concurrency_limit == 1 and served["retrain"].schedules[0].schedule.cron == "0 3 * * 0"
+
+
+def test_a_local_sqlite_store_keeps_the_flows_artifacts_beside_its_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever folder the flow runs from (MLflow's default)."""
+    from flows import mlflow_runs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    (tmp_path / "out").mkdir()
+    client = mlflow_runs.client()
+    experiment = client.get_experiment(mlflow_runs.experiment_id(client))
+    assert experiment.artifact_location == (tmp_path / "out" / "mlartifacts").as_uri()
+    assert mlflow_runs.local_artifact_location("http://127.0.0.1:5000") is None  # a server decides
