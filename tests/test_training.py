@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,7 @@ def test_killed_run_resumes_to_the_same_numbers(staged_single, reference_run, tm
     """SIGKILL the whole process group after the step-4 (or step-6) checkpoint, start again, and the loss
     sequence from the checkpoint on matches the uninterrupted run to 1e-6."""
     out = tmp_path / "killed"
+    segments_before = set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
     cmd = [sys.executable, "-m", "avsiam.cli.main", "train", "pretrain", "--model", "tiny", "--data", str(staged_single),
            "--output", str(out), "--nproc", "2", *FAST, "max_steps=8", "checkpoint_every=2", "epochs=4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -78,6 +80,8 @@ def test_killed_run_resumes_to_the_same_numbers(staged_single, reference_run, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "weights.safetensors").exists()
+    # DeepSpeed's CPU allreduce segments were unlinked at start-up: a killed run leaks no RAM.
+    assert set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) <= segments_before
     pretrain(staged_single, out, "max_steps=8", "checkpoint_every=2", "epochs=4")
     expected, resumed = losses(reference_run), losses(out)
     assert sorted(resumed) == list(range(1, 9))

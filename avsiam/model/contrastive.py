@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,11 +18,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     batch). Without an initialised process group of more than one rank, returns ``x``.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        with warnings.catch_warnings():
-            # torch marks this differentiable gather deprecated in favour of a private
-            # functional-collectives API; silence that one message, every step.
-            warnings.filterwarnings("ignore", message=r".*all_gather is deprecated", category=FutureWarning)
-            return torch.cat(all_gather(x), dim=0)
+        return torch.cat(all_gather(x), dim=0)
     return x
 
 

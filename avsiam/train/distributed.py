@@ -4,7 +4,9 @@ torchrun, or an external launcher (Slurm, Kubernetes) that sets RANK/WORLD_SIZE/
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,16 +40,45 @@ def init_distributed() -> DistEnv:
     """
     import deepspeed
 
+    silence_unavoidable_deprecations()
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else None)
+        if on_cpu():
+            barrier()  # every rank has mapped every rank's segment: the names can go
+            release_shm_segment(dist.get_rank())
     env = DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if not on_cpu():
         torch.cuda.set_device(env.local_rank)
     return env
+
+
+def shm_segment(rank: int) -> Path:
+    """The POSIX shared-memory segment DeepSpeed's CPU allreduce creates for ``rank`` when all
+    ranks share one machine (deepspeed/ops/csrc/cpu/comm/shm.cpp names it after the user,
+    MASTER_ADDR and MASTER_PORT)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_segment(rank: int) -> None:
+    """Unlink this rank's segment once every rank has it mapped. DeepSpeed never unlinks it, so
+    each CPU run would leave 64 MiB per rank of RAM in /dev/shm until reboot, killed runs
+    included; unlinked early, the memory goes when the last rank using it exits."""
+    shm_segment(rank).unlink(missing_ok=True)
+
+
+def silence_unavoidable_deprecations() -> None:
+    """Once per process, hide torch's deprecation notices for two collectives this code cannot
+    avoid: the differentiable ``all_gather`` of the contrastive loss (its replacement is private)
+    and ``all_gather_into_tensor``, which DeepSpeed's ZeRO 1/2 calls every step. Per-call
+    ``warnings.catch_warnings`` would not do: entering it resets Python's shown-once registry, so
+    every other warning would then repeat at every step."""
+    for message in (r".*all_gather is deprecated", r".*all_gather_into_tensor` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
