@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import stage_synthetic
 from hypothesis import settings
 from s3_fixtures import moto_server, s3_env  # noqa: F401  (moto S3 server for the storage tests)
 
@@ -19,13 +20,6 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.fail(f"the real sample data is expected at {REAL_DATA} (../shared/data/real)")
     return REAL_DATA
-
-
-def _stage(raw, out, label_files, classes=None):
-    from avsiam.data.staging import stage_dataset
-
-    stage_dataset(label_files, out, videos_dir=raw / "videos", classes_csv=classes, workers=2, progress=False)
-    return out / "manifest.json"
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +41,10 @@ def synthetic_multi(tmp_path_factory):
 @pytest.fixture(scope="session")
 def staged_single(synthetic_single, tmp_path_factory) -> Path:
     """manifest.json of ``synthetic_single`` staged."""
-    return _stage(synthetic_single.root, tmp_path_factory.mktemp("staged") / "single", [synthetic_single.labels_csv])
+    return stage_synthetic(synthetic_single, tmp_path_factory.mktemp("staged") / "single")
 
 
 @pytest.fixture(scope="session")
 def staged_multi(synthetic_multi, tmp_path_factory) -> Path:
     """manifest.json of ``synthetic_multi`` staged (train and eval segments)."""
-    ds = synthetic_multi
-    return _stage(ds.root, tmp_path_factory.mktemp("staged") / "multi", [ds.train_segments_csv, ds.eval_segments_csv], ds.class_labels_indices_csv)
+    return stage_synthetic(synthetic_multi, tmp_path_factory.mktemp("staged") / "multi")

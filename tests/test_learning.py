@@ -8,23 +8,15 @@ README.md (the recipes themselves are avsiam/config/presets/tiny.yaml).
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import avsiam, stage_synthetic
 
-from avsiam.data.staging import stage_dataset
 from avsiam.data.synthetic import generate_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
 CLASSES, CLIPS = 10, 300  # the demo profile's synthetic dataset (flows/profiles.yaml)
-
-
-def avsiam(*args):
-    proc = subprocess.run([sys.executable, "-m", "avsiam.cli.main", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"avsiam {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 def evaluate(recipe, weights, manifest, out):
@@ -34,10 +26,7 @@ def evaluate(recipe, weights, manifest, out):
 
 def staged(root, multi_label):
     ds = generate_synthetic_dataset(root / "raw", CLASSES, CLIPS, multi_label=multi_label, seed=0, workers=2, progress=False)
-    labels = [ds.train_segments_csv, ds.eval_segments_csv] if multi_label else [ds.labels_csv]
-    stage_dataset(labels, root / "staged", videos_dir=ds.videos_dir,
-                  classes_csv=ds.class_labels_indices_csv, workers=2, progress=False)
-    return root / "staged" / "manifest.json"
+    return stage_synthetic(ds, root / "staged")
 
 
 @pytest.fixture(scope="module")

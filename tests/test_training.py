@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import avsiam
 from safetensors.torch import load_file
 
 from avsiam.train.metrics_log import read_jsonl
@@ -19,13 +20,6 @@ pytestmark = pytest.mark.slow
 
 # Small and fast: batch 4 per rank, about 3 optimizer steps per epoch on the test dataset.
 FAST = ["batch_size_per_gpu=4", "num_workers=0", "arch.depth=2"]
-
-
-def avsiam(*args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "avsiam.cli.main", *map(str, args)], capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        pytest.fail(f"avsiam {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def pretrain(manifest, out, *overrides, nproc=2):

@@ -56,19 +56,14 @@ def init_distributed() -> DistEnv:
     return env
 
 
-def shm_segment(rank: int) -> Path:
-    """The POSIX shared-memory segment DeepSpeed's CPU allreduce creates for ``rank`` when all
-    ranks share one machine (deepspeed/ops/csrc/cpu/comm/shm.cpp names it after the user,
-    MASTER_ADDR and MASTER_PORT)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
 def release_shm_segment(rank: int) -> None:
-    """Unlink this rank's segment once every rank has it mapped. DeepSpeed never unlinks it, so
-    each CPU run would leave 64 MiB per rank of RAM in /dev/shm until reboot, killed runs
+    """Unlink the POSIX shared-memory segment DeepSpeed's CPU allreduce created for ``rank``
+    (when all ranks share one machine; deepspeed/ops/csrc/cpu/comm/shm.cpp names it after the
+    user, MASTER_ADDR and MASTER_PORT), once every rank has it mapped. DeepSpeed never unlinks
+    it, so each CPU run would leave 64 MiB per rank of RAM in /dev/shm until reboot, killed runs
     included; unlinked early, the memory goes when the last rank using it exits."""
-    shm_segment(rank).unlink(missing_ok=True)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def silence_unavoidable_deprecations() -> None:
