@@ -50,7 +50,8 @@ class DatasetSource(Strict):
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     max_bad_fraction: float = Field(default=0.2, ge=0, le=1)
-    workers: int = Field(default=2, ge=1)
+    clips_per_shard: int = Field(default=1000, ge=1)  # ~0.5 GB shards of AudioSet-sized clips
+    workers: int = Field(default=2, ge=1)  # CPUs of the temporary local Ray cluster that stages it
 
     @property
     def is_synthetic(self) -> bool:

@@ -57,11 +57,11 @@ def _result_storage(out: Path, results_store: str | None):
     return block
 
 
-def _check_stores(config: PipelineConfig, checkpoint_store: str | None, results_store: str | None) -> None:
+def _check_stores(config: PipelineConfig, *stores: str | None) -> None:
     """Bad S3 credentials, endpoint or bucket fail the flow here, before any stage runs."""
     sources = [config.dataset, *config.finetune_datasets.values()]
     s3_sources = [s.source for s in sources if s.source.startswith("s3://")]
-    stores = [s for s in (checkpoint_store, results_store) if s]
+    stores = tuple(s for s in stores if s and s.startswith("s3://"))
     if not (s3_sources or stores):
         return
     from avsiam.storage.s3 import check_access
@@ -91,18 +91,23 @@ def avsiam_pipeline(
     force: list[StageName] | None = None,
     checkpoint_store: str | None = None,
     results_store: str | None = None,
+    data_store: str | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the AVSiam pipeline for ``profile`` (demo, paper-base, paper-large, paper-huge);
     explicit parameters override the profile's values. ``checkpoint_store``: an s3:// prefix
     the DeepSpeed checkpoints are synced to (only their URI is logged to MLflow);
-    ``results_store``: an s3:// prefix for the stage cache records (default: output_dir)."""
+    ``results_store``: an s3:// prefix for the stage cache records (default: output_dir);
+    ``data_store``: a folder or s3:// prefix the staged shards go to (default: output_dir/data),
+    which training then reads; ``ray_address``: the Ray cluster staging runs on (``auto``,
+    ``ray://head:10001``; default: a temporary local cluster of each source's ``workers`` CPUs)."""
     log = get_run_logger()
     config = resolve_pipeline(profile, output_dir, model=model, dataset=dataset, finetune_datasets=finetune_datasets,
                               pretrain_recipe=pretrain_recipe, finetune_recipes=finetune_recipes, launcher=launcher,
                               overrides=overrides, variant=variant, force=force)
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _check_stores(config, checkpoint_store, results_store)
+    _check_stores(config, checkpoint_store, results_store, data_store)
     tracking_uri = mlflow_runs.ensure_tracking_uri(out)
     storage = _result_storage(out, results_store)
     ctx = get_run_context()
@@ -114,7 +119,7 @@ def avsiam_pipeline(
     mlflow_runs.log_params_once(parent, config.model_dump(mode="json"))
     log.info("MLflow: %s (parent run %s)", tracking_uri, parent)
     try:
-        summary = _run_stages(config, out, storage, parent, checkpoint_store)
+        summary = _run_stages(config, out, storage, parent, checkpoint_store, data_store, ray_address)
     except BaseException:
         mlflow_runs.finish(parent, failed=True)
         raise
@@ -122,15 +127,21 @@ def avsiam_pipeline(
     return summary
 
 
-def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpoint_store: str | None) -> dict[str, Any]:
+def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpoint_store: str | None,
+                data_store: str | None, ray_address: str | None) -> dict[str, Any]:
     datasets: dict[str, Any] = {}
 
     def staged(source: DatasetSource):
-        """Stage each distinct source once."""
-        key = stage_key("stage_data", {"source": source.model_dump(exclude={"workers"}), "content": _source_fingerprint(source)})
+        """Stage each distinct source once. Its folder is named by what the source *is*, not
+        by its content, so re-staging changed content decodes only the changed shards there."""
+        folder = stage_key("dataset", source.model_dump(include={"source", "labels", "classes_csv", "synthetic"}))[:16]
+        key = stage_key("stage_data", {"source": source.model_dump(exclude={"workers"}), "content": _source_fingerprint(source),
+                                       "data_store": data_store})
         if key not in datasets:
+            location = f"{data_store.rstrip('/')}/{folder}" if data_store else str(out / "data" / folder / "staged")
             datasets[key] = _with_options(stage_data, "stage_data", config, storage)(
-                key=key, source=source, data_dir=str(out / "data" / key[:16]), parent_run_id=parent)
+                key=key, source=source, data_dir=str(out / "data" / folder), staged=location, parent_run_id=parent,
+                ray_address=ray_address)
         return datasets[key]
 
     pre_data = staged(config.dataset)

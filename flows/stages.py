@@ -27,10 +27,11 @@ from flows.params import DatasetSource, LauncherSettings
 
 
 class DataManifest(BaseModel):
-    manifest_path: str
+    location: str  # the staged dataset (folder or s3:// prefix): what --data takes
     dataset_digest: str
     num_clips: int
     splits: dict[str, int]
+    shards: int
     quarantined: int
     multi_label: bool
     mlflow_run_id: str
@@ -93,33 +94,47 @@ def _run_command(entry: list[str], launcher: LauncherSettings | None, env: dict[
 
 
 @task(name="stage_data", cache_key_fn=_key_from_parameters, persist_result=True)
-def stage_data(key: str, source: DatasetSource, data_dir: str, parent_run_id: str) -> DataManifest:
-    """Materialise the source (generate, or download from S3) and stage it into a manifest."""
-    from avsiam.data.manifest import load_manifest
-    from avsiam.data.staging import stage_dataset
+def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, parent_run_id: str,
+               ray_address: str | None = None) -> DataManifest:
+    """Materialise the source (generate, or fetch its label files from S3) and stage it into
+    ``staged`` (a folder or s3:// prefix) with the staging flow: one task per shard on Ray."""
+    from flows.staging import run_staging
 
     log = get_run_logger()
     root = Path(data_dir)
     run_id = mlflow_runs.stage_run(root, parent_run_id, "stage_data", {"avsiam.source": source.source})
     mlflow_runs.log_params_once(run_id, source.model_dump())
     videos, labels, classes = _materialize(source, root, log)
-    result = stage_dataset(labels, root / "staged", videos_dir=videos, classes_csv=classes, val_fraction=source.val_fraction,
-                           max_bad_fraction=source.max_bad_fraction, workers=source.workers, seed=source.synthetic.seed)
-    manifest = load_manifest(result.manifest_path)
-    log.info("staged %d clips (%d reused, %d quarantined), dataset digest %s", result.staged, result.reused,
-             len(result.quarantined), manifest.dataset_digest)
-    mlflow_runs.log_metrics(run_id, {"num_clips": len(manifest.clips), "quarantined": len(result.quarantined),
-                                     "staged": result.staged, "reused": result.reused})
-    mlflow_runs.set_tags(run_id, {"avsiam.dataset_digest": manifest.dataset_digest})
-    mlflow_runs.log_artifacts(run_id, [root / "staged" / "quarantine.csv", result.manifest_path])
+    summary = run_staging(address=ray_address, workers=source.workers, labels=[str(f) for f in labels], out=staged,
+                          videos=videos, classes_csv=str(classes) if classes else None, val_fraction=source.val_fraction,
+                          max_bad_fraction=source.max_bad_fraction, seed=source.synthetic.seed,
+                          clips_per_shard=source.clips_per_shard)
+    mlflow_runs.log_metrics(run_id, {"num_clips": summary.num_clips, "quarantined": summary.quarantined,
+                                     "shards": summary.shards, "shards_built": summary.shards_built,
+                                     "clips_decoded": summary.decoded, "clips_copied": summary.copied})
+    mlflow_runs.set_tags(run_id, {"avsiam.dataset_digest": summary.dataset_digest, "avsiam.dataset": summary.location})
+    _log_dataset_files(run_id, summary.location)
     mlflow_runs.finish(run_id)
-    return DataManifest(manifest_path=str(result.manifest_path), dataset_digest=manifest.dataset_digest,
-                        num_clips=len(manifest.clips), splits=manifest.split_counts(), quarantined=len(result.quarantined),
-                        multi_label=manifest.multi_label, mlflow_run_id=run_id)
+    return DataManifest(location=summary.location, dataset_digest=summary.dataset_digest, num_clips=summary.num_clips,
+                        splits=summary.splits, shards=summary.shards, quarantined=summary.quarantined,
+                        multi_label=summary.multi_label, mlflow_run_id=run_id)
 
 
-def _materialize(source: DatasetSource, root: Path, log) -> tuple[Path, list[Path], Path | None]:
-    """(videos folder, label files, classes csv) of the source, generated or fetched as needed."""
+def _log_dataset_files(run_id: str, location: str) -> None:
+    """The index and the quarantine report as artifacts of the stage's MLflow run."""
+    import tempfile
+
+    from avsiam.data.index import INDEX_NAME, QUARANTINE_NAME
+    from avsiam.storage.store import open_store
+
+    store = open_store(location)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow_runs.log_artifacts(run_id, [store.readable_copy(name, Path(tmp)) for name in (INDEX_NAME, QUARANTINE_NAME)])
+
+
+def _materialize(source: DatasetSource, root: Path, log) -> tuple[str, list[Path], Path | None]:
+    """(videos folder or s3:// prefix, local label files, classes csv) of the source, generated
+    or fetched as needed; the clips of an S3 source stay in S3."""
     if source.is_synthetic:
         from avsiam.data.synthetic import generate_synthetic_dataset
 
@@ -135,13 +150,12 @@ def _materialize(source: DatasetSource, root: Path, log) -> tuple[Path, list[Pat
                                        workers=source.workers, progress=False)
             (raw / ".complete").touch()
         if spec.multi_label:
-            return raw / "videos", [raw / "train_segments.csv", raw / "eval_segments.csv"], raw / "class_labels_indices.csv"
-        return raw / "videos", [raw / "labels.csv"], None
-    from avsiam.data.sources import materialize_source
+            return str(raw / "videos"), [raw / "train_segments.csv", raw / "eval_segments.csv"], raw / "class_labels_indices.csv"
+        return str(raw / "videos"), [raw / "labels.csv"], None
+    from avsiam.data.sources import resolve_source
 
-    local = materialize_source(source.source, root / "source", label_files=source.labels, classes_csv=source.classes_csv,
-                               workers=max(4, source.workers))
-    return local.videos_dir, list(local.label_files), local.classes_csv
+    layout = resolve_source(source.source, root / "source", label_files=source.labels, classes_csv=source.classes_csv)
+    return layout.videos, list(layout.label_files), layout.classes_csv
 
 
 @task(name="train", cache_key_fn=_key_from_parameters, persist_result=True)
@@ -166,7 +180,7 @@ def train_stage(
     out = Path(run_dir)
     run_id = mlflow_runs.stage_run(out, parent_run_id, stage, {"avsiam.recipe": recipe, "avsiam.model": model,
                                                                "avsiam.dataset_digest": data.dataset_digest})
-    entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.manifest_path, "--output", str(out),
+    entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.location, "--output", str(out),
              *(["--init", init.weights_path] if init else []), *(["--variant", variant] if variant else []), *overrides]
     env = {**os.environ, "MLFLOW_RUN_ID": run_id}
     code = _run_command(entry, launcher, env, log.info)
@@ -205,7 +219,7 @@ def evaluate_stage(
     run_id = mlflow_runs.stage_run(out, parent_run_id, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
                                                                     "avsiam.dataset_digest": data.dataset_digest})
     arch_overrides = [o for o in overrides if o.startswith("arch.")]  # evaluation needs the trained architecture
-    entry = ["evaluate", "--model", model, "--recipe", recipe, "--weights", finetuned.weights_path, "--data", data.manifest_path,
+    entry = ["evaluate", "--model", model, "--recipe", recipe, "--weights", finetuned.weights_path, "--data", data.location,
              "--output", str(out), *(["--variant", variant] if variant else []), *arch_overrides]
     code = _run_command(entry, None, dict(os.environ), log.info)
     if code != 0:

@@ -40,11 +40,11 @@ def synthetic_multi(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def staged_single(synthetic_single, tmp_path_factory) -> Path:
-    """manifest.json of ``synthetic_single`` staged."""
+    """``synthetic_single`` staged (its folder)."""
     return stage_synthetic(synthetic_single, tmp_path_factory.mktemp("staged") / "single")
 
 
 @pytest.fixture(scope="session")
 def staged_multi(synthetic_multi, tmp_path_factory) -> Path:
-    """manifest.json of ``synthetic_multi`` staged (train and eval segments)."""
+    """``synthetic_multi`` staged (train and eval segments; its folder)."""
     return stage_synthetic(synthetic_multi, tmp_path_factory.mktemp("staged") / "multi")

@@ -1,10 +1,12 @@
 """Helpers shared by test modules: the ``avsiam`` command in a subprocess, staging a synthetic
-dataset the way users do."""
+dataset with the library."""
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,15 @@ def avsiam(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
-def stage_synthetic(ds, out: Path) -> Path:
-    """Stage a ``generate_synthetic_dataset`` result into ``out``; returns its manifest.json."""
+def stage_synthetic(ds, out: Path, clips_per_shard: int = 8, workers: int = 1) -> Path:
+    """Stage a ``generate_synthetic_dataset`` result into ``out`` with the library's staging
+    (shards in this process, or in ``workers`` processes); returns the staged folder."""
     labels = [ds.train_segments_csv, ds.eval_segments_csv] if ds.multi_label else [ds.labels_csv]
-    stage_dataset(labels, out, videos_dir=ds.videos_dir, classes_csv=ds.class_labels_indices_csv, workers=2, progress=False)
-    return out / "manifest.json"
+    kw = dict(videos=ds.videos_dir, classes_csv=ds.class_labels_indices_csv, clips_per_shard=clips_per_shard)
+    if workers == 1:
+        stage_dataset(labels, out, **kw)
+        return out
+    # spawn, not fork: this process holds torch threads, which do not survive a fork.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        stage_dataset(labels, out, **kw, map_shards=pool.map)
+    return out

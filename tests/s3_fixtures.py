@@ -9,14 +9,17 @@ production. The server runs in its own process because moto reads some settings
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,12 +65,14 @@ def moto_server(tmp_path_factory) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a moto server (S3, IAM, ...) running for the whole session."""
     log_path = tmp_path_factory.mktemp("moto") / "server.log"
     url = f"http://127.0.0.1:{_free_port()}"
+    # moto's request recorder (off until a test starts it: see recorded_requests) writes here.
+    recording = log_path.with_name("recording.jsonl")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **SERVER_ENV},
+            env={**os.environ, **SERVER_ENV, "MOTO_RECORDER_FILEPATH": str(recording)},
         )
     try:
         _wait_until_ready(url, proc, log_path)
@@ -96,3 +101,28 @@ def s3_env(moto_server, monkeypatch, tmp_path) -> str:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
+
+
+@contextmanager
+def recorded_requests(server: str) -> Iterator[list[tuple[str, str]]]:
+    """Record every request the moto ``server`` receives inside the block; the list yielded is
+    filled with ``(method, path)`` pairs (path without the query) when the block ends."""
+    _post(f"{server}/moto-api/recorder/reset-recording")
+    _post(f"{server}/moto-api/recorder/start-recording")
+    requests: list[tuple[str, str]] = []
+    try:
+        yield requests
+    finally:
+        _post(f"{server}/moto-api/recorder/stop-recording")
+        with urllib.request.urlopen(f"{server}/moto-api/recorder/download-recording", timeout=30) as response:
+            text = response.read().decode()
+        # moto's server threads append an entry and its newline in two writes, so entries of
+        # concurrent requests can share a line: split on the JSON objects themselves.
+        decoder, position = json.JSONDecoder(), 0
+        while True:
+            while position < len(text) and text[position].isspace():
+                position += 1
+            if position == len(text):
+                break
+            entry, position = decoder.raw_decode(text, position)
+            requests.append((entry["method"], urllib.parse.unquote(urllib.parse.urlsplit(entry["url"]).path)))

@@ -18,11 +18,12 @@ from avsiam.data.audio import (
     SAMPLE_RATE,
     DecodeError,
     decode_audio,
+    decode_wav,
+    encode_wav,
     load_fbank,
     load_waveform,
     normalize_fbank,
     waveform_to_fbank,
-    write_wav,
 )
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real"
@@ -126,11 +127,11 @@ def test_normalize_fbank_divides_by_one_std():
     torch.testing.assert_close(normalize_fbank(fbank), torch.tensor([[0.0, 5.081 / 4.485, 1.0]]))
 
 
-def test_write_wav_is_16_bit_mono_and_clips(tmp_path):
+def test_encode_wav_is_16_bit_mono_and_clips(tmp_path):
     path = tmp_path / "out.wav"
     waveform = torch.tensor([0.0, 0.25, -0.5, 1.5, -1.5, 1.0, -1.0])
 
-    write_wav(path, waveform)
+    path.write_bytes(encode_wav(waveform))
 
     info = sf.info(path)
     assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
@@ -140,16 +141,32 @@ def test_write_wav_is_16_bit_mono_and_clips(tmp_path):
     )
 
 
-def test_staged_wav_reproduces_the_waveform(tmp_path):
+def test_staged_wav_reproduces_the_waveform_with_both_readers(tmp_path):
     waveform = torch.from_numpy(_test_signal(1.0, 16000)[:, 0])
-    write_wav(tmp_path / "staged.wav", waveform)
+    data = encode_wav(waveform)
+    (tmp_path / "staged.wav").write_bytes(data)
 
-    torch.testing.assert_close(load_waveform(tmp_path / "staged.wav"), waveform, atol=1 / 32768, rtol=0)
+    decoded = decode_wav(data, "staged.wav")
+    torch.testing.assert_close(decoded, waveform, atol=1 / 32768, rtol=0)
+    # The fast reader of staged audio gives exactly what FFmpeg (and soundfile) give.
+    assert torch.equal(decoded, load_waveform(tmp_path / "staged.wav"))
+    assert torch.equal(decoded, torch.from_numpy(sf.read(tmp_path / "staged.wav", dtype="float32")[0]))
 
 
-def test_write_wav_rejects_multichannel_input(tmp_path):
+def test_decode_wav_refuses_what_staging_never_writes(tmp_path):
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, _test_signal(1.0, 16000, channels=2), 16000, subtype="PCM_16")
+    with pytest.raises(DecodeError, match="clip x: a staged wav is mono 16-bit at 16000 Hz, this one is 2 channels"):
+        decode_wav(stereo.read_bytes(), "clip x")
+    with pytest.raises(DecodeError, match="where: not a staged wav"):
+        decode_wav(b"RIFF garbage", "where")
+    with pytest.raises(DecodeError, match="fewer than one 25 ms analysis window"):
+        decode_wav(encode_wav(torch.zeros(100)), "short")
+
+
+def test_encode_wav_rejects_multichannel_input():
     with pytest.raises(ValueError, match="mono"):
-        write_wav(tmp_path / "x.wav", torch.zeros(2, 100))
+        encode_wav(torch.zeros(2, 100))
 
 
 def test_corrupt_file_names_the_file(tmp_path):

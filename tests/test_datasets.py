@@ -1,17 +1,18 @@
-"""Datasets over a staged dataset: shapes, determinism per key, augmentations, no silent fallbacks."""
+"""Datasets over a staged dataset: shapes, determinism per key, augmentations, no silent fallbacks;
+samples read from shards equal the staged media; a corrupt shard is an error naming it."""
 
 import pytest
 import torch
 
 from avsiam.config import resolve_recipe
 from avsiam.data.datasets import EvalClips, FinetuneClips, PretrainClips
-from avsiam.data.errors import DecodeError
-from avsiam.data.manifest import load_manifest
+from avsiam.data.index import load_index
+from avsiam.data.shards import ShardError
 
 
 @pytest.fixture(scope="module")
 def manifest(staged_single):
-    return load_manifest(staged_single)
+    return load_index(staged_single)
 
 
 def test_pretrain_items_are_one_fbank_and_one_frame_deterministic_per_key(manifest):
@@ -30,7 +31,7 @@ def test_finetune_targets_follow_label_smoothing_and_mixup(manifest):
     ds = FinetuneClips(manifest, "train", recipe)
     target = ds[(0, 7)]["target"]
     eps, c = recipe.label_smoothing, manifest.num_classes
-    label = ds.label_indices[0][0]
+    label = ds.labels(0)[0]
     assert target[label] == pytest.approx(1 - eps) and target.sum() == pytest.approx(1 - eps + (c - 1) * eps / c)
     mixed = FinetuneClips(manifest, "train", resolve_recipe("tiny", "finetune_vggsound", ["mixup=true", "mixup_rate=1.0"]))
     targets = torch.stack([mixed[(i, 11)]["target"] for i in range(8)])
@@ -46,24 +47,54 @@ def test_eval_items_are_deterministic_with_all_frames_and_exact_targets(manifest
     assert a["target"].sum() == 1 and a["target"].max() == 1
 
 
-def test_a_broken_staged_clip_raises_naming_the_file(manifest, tmp_path):
+def test_exact_targets_of_a_split_equal_each_clips_target(staged_multi):
+    index = load_index(staged_multi)
+    ds = EvalClips(index, "test", resolve_recipe("tiny", "finetune_as20k"))
+    expected = torch.stack([ds.exact_target(i) for i in range(len(ds))]).numpy()
+    assert (ds.exact_targets() == expected).all() and expected.sum(axis=1).max() > 1
+
+
+def _corrupt_copy(index, tmp_path, damage):
     import shutil
 
-    from avsiam.data.manifest import Manifest
-
     root = tmp_path / "copy"
-    shutil.copytree(manifest.root, root)
-    broken = Manifest(root, manifest.classes, manifest.multi_label, manifest.clips)
-    clip = broken.split("train")[0]
-    (root / clip.audio).write_bytes(b"RIFF garbage")
-    ds = PretrainClips(broken, "train", resolve_recipe("tiny", "pretrain_as2m"))
-    with pytest.raises(DecodeError, match=clip.id):
-        ds[0]
+    shutil.copytree(index.location, root)
+    copy = load_index(root)
+    row = copy.split_rows("train")[0]
+    shard = root / copy.shards[copy.clips.shard[row]].path
+    data = bytearray(shard.read_bytes())
+    damage(data, int(copy.clips.offset[row]), int(copy.clips.size[row]))
+    shard.write_bytes(bytes(data))
+    return copy, shard, copy.clip_id(row)
 
 
-def test_an_empty_split_is_an_error_naming_the_split(manifest):
-    from avsiam.data.manifest import Manifest
+@pytest.mark.parametrize("damage", [
+    # one byte of the audio flipped: decodes fine, only the CRC-32 tells
+    lambda data, offset, size: data.__setitem__(offset + size - 600, data[offset + size - 600] ^ 0xFF),
+    # a tar header overwritten
+    lambda data, offset, size: data.__setitem__(slice(offset, offset + 512), bytes(range(256)) * 2),
+])
+def test_a_corrupt_shard_raises_naming_the_shard_and_the_clip(manifest, tmp_path, damage):
+    copy, shard, clip_id = _corrupt_copy(manifest, tmp_path, damage)
+    ds = PretrainClips(copy, "train", resolve_recipe("tiny", "pretrain_as2m"))
+    with pytest.raises(ShardError, match=f"{shard.name}.*clip {clip_id}|{shard.name}.*bad tar header"):
+        ds[(0, 1)]
 
-    only_train = Manifest(manifest.root, manifest.classes, manifest.multi_label, manifest.split("train"))
+
+def test_a_truncated_or_missing_shard_raises_naming_it(manifest, tmp_path):
+    copy, shard, _ = _corrupt_copy(manifest, tmp_path, lambda data, offset, size: data.__delitem__(slice(offset, None)))
+    ds = PretrainClips(copy, "train", resolve_recipe("tiny", "pretrain_as2m"))
+    with pytest.raises(ShardError, match=f"{shard.name}: holds .* bytes where the index expects .*truncated"):
+        ds[(0, 1)]
+    shard.unlink()
+    with pytest.raises(ShardError, match=f"{shard.name}: the shard is missing"):
+        PretrainClips(copy, "train", resolve_recipe("tiny", "pretrain_as2m"))[(0, 1)]
+
+
+def test_an_empty_split_is_an_error_naming_the_split(synthetic_single, tmp_path):
+    from avsiam.data.staging import stage_dataset
+
+    only_train = stage_dataset([synthetic_single.labels_csv], tmp_path / "train_only", videos=synthetic_single.videos_dir,
+                               split="train", val_fraction=0, clips_per_shard=40).index
     with pytest.raises(ValueError, match="split 'test' has no clips"):
         EvalClips(only_train, "test", resolve_recipe("tiny", "finetune_vggsound"))

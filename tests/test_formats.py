@@ -7,12 +7,12 @@ import pytest
 from avsiam.data.formats import (
     ClassIndex,
     FormatError,
+    class_labels_csv,
     read_audioset_segments,
     read_cavmae_datafile,
     read_class_labels,
     read_vggsound_csv,
     sniff_label_format,
-    write_class_labels,
 )
 
 
@@ -36,7 +36,7 @@ def test_real_cavmae_datafile(real_data):
 
 def test_class_index_round_trip_and_multi_hot_lookup(tmp_path):
     classes = ClassIndex(("/m/a", "/m/b", "/m/c"), ("A, quoted", "B", "C"))
-    write_class_labels(tmp_path / "c.csv", classes)
+    (tmp_path / "c.csv").write_text(class_labels_csv(classes))
     assert read_class_labels(tmp_path / "c.csv") == classes
     assert classes.indices(["/m/c", "/m/a"], "x") == [2, 0]
     with pytest.raises(FormatError, match="clip7: unknown label id '/m/zz'"):

@@ -19,14 +19,14 @@ pytestmark = pytest.mark.slow
 CLASSES, CLIPS = 10, 300  # the demo profile's synthetic dataset (flows/profiles.yaml)
 
 
-def evaluate(recipe, weights, manifest, out):
-    avsiam("evaluate", "--model", "tiny", "--recipe", recipe, "--weights", weights, "--data", manifest, "--output", out)
+def evaluate(recipe, weights, data, out):
+    avsiam("evaluate", "--model", "tiny", "--recipe", recipe, "--weights", weights, "--data", data, "--output", out)
     return json.loads((out / "results.json").read_text())
 
 
 def staged(root, multi_label):
     ds = generate_synthetic_dataset(root / "raw", CLASSES, CLIPS, multi_label=multi_label, seed=0, workers=2, progress=False)
-    return stage_synthetic(ds, root / "staged")
+    return stage_synthetic(ds, root / "staged", clips_per_shard=32, workers=2)  # the demo's shards
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,10 @@ def pretrained(single_label, tmp_path_factory):
     return out / "weights.safetensors"
 
 
-def finetune_and_evaluate(recipe, init, manifest, out):
-    avsiam("train", "finetune", "--model", "tiny", "--recipe", recipe, "--init", init, "--data", manifest,
+def finetune_and_evaluate(recipe, init, data, out):
+    avsiam("train", "finetune", "--model", "tiny", "--recipe", recipe, "--init", init, "--data", data,
            "--output", out / "run", "--nproc", 2)
-    return evaluate(recipe, out / "run" / "weights.safetensors", manifest, out / "eval")
+    return evaluate(recipe, out / "run" / "weights.safetensors", data, out / "eval")
 
 
 def test_pretraining_aligns_audio_and_video_of_held_out_clips(pretrained, single_label, tmp_path):
@@ -63,7 +63,7 @@ def test_finetuning_reaches_high_accuracy_on_single_label_clips(pretrained, sing
 
 
 def test_finetuning_reaches_high_map_on_multi_label_clips(pretrained, tmp_path):
-    manifest = staged(tmp_path, multi_label=True)
-    results = finetune_and_evaluate("finetune_as20k", pretrained, manifest, tmp_path)
+    data = staged(tmp_path, multi_label=True)
+    results = finetune_and_evaluate("finetune_as20k", pretrained, data, tmp_path)
     assert results["metric"] == "mAP" and results["split"] == "test"
     assert results["mAP"] >= 0.8, results

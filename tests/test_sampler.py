@@ -55,12 +55,24 @@ def test_epochs_and_seeds_change_the_order_deterministically():
     assert mix_seed(0, 1) != mix_seed(1, 0)
 
 
+def _csr(labels):
+    return np.cumsum([0] + [len(x) for x in labels]), np.array([c for x in labels for c in x], dtype=np.int64)
+
+
 def test_class_balanced_weights_follow_cavmae_rule():
     labels = [[0], [0], [0], [1], [0, 1]]
-    w = class_balanced_weights(labels, 3)
+    w = class_balanced_weights(*_csr(labels), 3)
     n0, n1 = 4, 2
     assert w[0] == pytest.approx(1000 / (n0 + 0.01))
     assert w[4] == pytest.approx(1000 / (n0 + 0.01) + 1000 / (n1 + 0.01))
+
+
+@given(st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=4, unique=True), min_size=1, max_size=40))
+def test_class_balanced_weights_equal_the_per_sample_rule(labels):
+    """The vectorised weights against the rule written out sample by sample."""
+    counts = Counter(c for x in labels for c in x)
+    expected = [sum(1000 / (counts[c] + 0.01) for c in x) for x in labels]
+    np.testing.assert_allclose(class_balanced_weights(*_csr(labels), 7), expected, rtol=1e-12)
 
 
 @given(n=st.integers(1, 100), world=st.integers(1, 6), seed=st.integers(0, 10_000))
@@ -76,7 +88,7 @@ def test_weighted_epoch_draws_n_in_total_and_never_zero_weight(n, world, seed):
 
 def test_class_balanced_sampling_balances_classes():
     labels = [[0]] * 900 + [[1]] * 90 + [[2]] * 10
-    weights = class_balanced_weights(labels, 3)
+    weights = class_balanced_weights(*_csr(labels), 3)
     counts = Counter()
     for epoch in range(5):
         for shard in _epoch(len(labels), 2, epoch, weights=weights):

@@ -15,11 +15,12 @@ from avsiam.data.audio import DecodeError
 from avsiam.data.video import (
     FRAME_SIZE,
     NUM_FRAMES,
+    decode_frame,
+    encode_frame,
     extract_frames,
     load_frame,
     normalize_frames,
     resize_and_crop,
-    save_frame,
 )
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real"
@@ -114,11 +115,12 @@ def test_save_and_load_frame_round_trip(tmp_path):
     frame = torch.stack([x * 2, y * 3, (x + y)]).to(torch.uint8)
     path = tmp_path / "frame.jpg"
 
-    save_frame(frame, path)
+    path.write_bytes(encode_frame(frame))
     loaded = load_frame(path)
 
     assert loaded.shape == frame.shape and loaded.dtype == torch.uint8
     assert (loaded.float() - frame.float()).abs().mean() < 2.0
+    assert torch.equal(decode_frame(path.read_bytes(), "frame.jpg"), loaded)
 
 
 def test_unreadable_frame_names_the_file(tmp_path):
@@ -128,6 +130,8 @@ def test_unreadable_frame_names_the_file(tmp_path):
         load_frame(path)
     with pytest.raises(DecodeError, match="absent.jpg"):
         load_frame(tmp_path / "absent.jpg")
+    with pytest.raises(DecodeError, match="shard-000001.tar: clip abc: member 3.jpg"):
+        decode_frame(b"not a jpeg", "shard-000001.tar: clip abc: member 3.jpg")
 
 
 def test_normalize_frames_single_and_stacked():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from avsiam.data.manifest import load_manifest
+from avsiam.data.staging import DEFAULT_CLIPS_PER_SHARD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,20 +29,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "stage",
-        help="turn downloaded clips + a label file into a staged dataset (manifest, wavs, frames)",
-        description="Decode every clip into a 16 kHz mono wav and 10 frames (224x224), in parallel, "
-        "quarantining bad clips in quarantine.csv, and write manifest.json with the dataset digest. "
-        "Label files: the official VGGSound csv, an AudioSet segments csv (with --classes), or a "
-        "CAV-MAE datafile (with --classes). Re-staging reuses unchanged clips.",
+        help="turn downloaded clips + label files into a staged dataset (WebDataset shards + index)",
+        description="Decode every clip into a 16 kHz mono wav and 10 frames (224x224), written as WebDataset shards "
+        "with an index (index.json + clip table), quarantining bad clips in quarantine.csv. Label files: the official "
+        "VGGSound csv, AudioSet segments csvs (with --classes), or a CAV-MAE datafile (with --classes). One Prefect task "
+        "per shard on Ray: a temporary local cluster of --workers CPUs, or --address. Staging again decodes only shards "
+        "whose clips changed; a killed run keeps its finished shards. Folders may be s3:// prefixes.",
     )
-    p.add_argument("--videos", type=Path, help="folder of the clips (mp4) named as the label file implies")
-    p.add_argument("--labels", type=Path, action="append", required=True, help="label file (repeatable, e.g. train and eval segments)")
-    p.add_argument("--classes", type=Path, help="class_labels_indices.csv (AudioSet / CAV-MAE datafiles)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (STAGED)")
+    p.add_argument("--videos", help="folder or s3:// prefix of the clips (mp4), named as the label files imply")
+    p.add_argument("--labels", action="append", required=True, help="label file, local or s3:// (repeatable: train and eval segments)")
+    p.add_argument("--classes", help="class_labels_indices.csv (AudioSet / CAV-MAE datafiles), local or s3://")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix (STAGED)")
     p.add_argument("--split", choices=["train", "val", "test"], help="split for every clip (default: from the csv or the file name)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train clips held out as 'val' for model selection")
     p.add_argument("--max-bad-fraction", type=float, default=0.2, help="fail when more clips than this are bad")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--clips-per-shard", type=int, default=DEFAULT_CLIPS_PER_SHARD,
+                   help=f"clips per shard (default {DEFAULT_CLIPS_PER_SHARD}: ~0.5 GB of AudioSet-sized clips)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPUs of the temporary local Ray cluster")
+    p.add_argument("--address", help="an existing Ray cluster (auto, or ray://head:10001) instead of a local one")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_stage)
 
@@ -59,23 +64,29 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from avsiam.data.staging import StagingError, stage_dataset
+    from avsiam.data.sources import local_copy
+    from avsiam.data.staging import StagingError, plan_clips
+    from flows.staging import run_staging
 
+    # Read and check the label files here first: a typo or a bad row is then one clear line in
+    # a second, not a flow failure after Prefect and Ray have started (the flow reads them again).
+    with tempfile.TemporaryDirectory(prefix="avsiam-labels-") as tmp:
+        plan_clips(args.videos, [local_copy(f, Path(tmp)) for f in args.labels],
+                   local_copy(args.classes, Path(tmp)) if args.classes else None, args.split)
     try:
-        result = stage_dataset(
-            args.labels, args.out, videos_dir=args.videos, classes_csv=args.classes, split=args.split,
-            val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction, workers=args.workers,
-            seed=args.seed,
+        summary = run_staging(
+            address=args.address, workers=args.workers, labels=args.labels, out=args.out, videos=args.videos,
+            classes_csv=args.classes, split=args.split, val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction,
+            seed=args.seed, clips_per_shard=args.clips_per_shard,
         )
     except StagingError as exc:
         print(f"avsiam stage: error: {exc}", file=sys.stderr)
         return 1
-    manifest = load_manifest(result.manifest_path)
-    splits = ", ".join(f"{k} {v}" for k, v in manifest.split_counts().items())
-    print(f"staged {result.staged}, reused {result.reused}, quarantined {len(result.quarantined)} of {result.total} clips")
-    print(f"splits: {splits}; classes: {manifest.num_classes} ({'multi' if manifest.multi_label else 'single'}-label)")
-    print(f"manifest: {result.manifest_path}")
-    print(f"dataset digest: {manifest.dataset_digest}")
-    for clip_id, _source, reason in result.quarantined[:10]:
-        print(f"  quarantined {clip_id}: {reason}")
+    splits = ", ".join(f"{k} {v}" for k, v in summary.splits.items())
+    print(f"staged {summary.num_clips} clips in {summary.shards} shards ({summary.shards_built} built, "
+          f"{summary.shards_reused} reused; {summary.decoded} clips decoded, {summary.copied} copied), "
+          f"{summary.quarantined} quarantined")
+    print(f"splits: {splits}; {'multi' if summary.multi_label else 'single'}-label")
+    print(f"dataset: {summary.location}")
+    print(f"dataset digest: {summary.dataset_digest}")
     return 0

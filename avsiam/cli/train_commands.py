@@ -18,7 +18,7 @@ from avsiam.config import RECIPES, SIZES, resolve_recipe
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=SIZES, help="model size")
-    p.add_argument("--data", required=True, type=Path, help="STAGED/manifest.json (from `avsiam stage`)")
+    p.add_argument("--data", required=True, help="the staged dataset (from `avsiam stage`): its folder or s3:// prefix, or its index.json")
     p.add_argument("--output", required=True, type=Path, help="run folder (resumes from its checkpoint if it has one)")
     p.add_argument("--variant", help="named override set from presets/variants.yaml (e.g. cav, cav_mae, cav_mae_multi_ratio: Table 3)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. epochs=1 max_steps=20 arch.depth=2")
@@ -52,11 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _preflight(args: argparse.Namespace, recipe) -> None:
     """Check every input before any process is launched or any model is built."""
-    from avsiam.data.manifest import load_manifest
+    from avsiam.data.index import load_index
     from avsiam.train.tasks import make_task
 
-    manifest = load_manifest(args.data)
-    make_task(recipe, manifest)
+    index = load_index(args.data)
+    index.check_shards()
+    make_task(recipe, index)
     if args.init and not Path(args.init).is_file():
         raise FileNotFoundError(f"--init {args.init}: no such file")
 

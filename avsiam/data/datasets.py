@@ -4,26 +4,31 @@
 * :class:`FinetuneClips`: + soft targets, with mixup, SpecAugment and label smoothing.
 * :class:`EvalClips`: deterministic fbank, all 10 frames and exact targets.
 
+Samples are read from the dataset's shards by the byte ranges of the index
+(:class:`~avsiam.data.index.DatasetIndex`): a split is an array of clip-table rows, so a
+dataset holds no Python object per clip and forks into DataLoader workers without copying.
 Training datasets take keys ``(index, seed)`` from :class:`~avsiam.data.sampler.
 DistributedClipSampler`; every random draw of a sample comes from a generator seeded with its
 key's seed, so augmentations are reproducible whatever the worker count (exact resume relies
-on it). A clip that fails to decode raises, naming the file: it never becomes a constant
-tensor (the published loaders do that, silently, in training and evaluation).
+on it). A clip that fails to decode raises, naming the shard and the clip: it never becomes a
+constant tensor (the published loaders do that, silently, in training and evaluation).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from avsiam.config import RecipeConfig
 from avsiam.data import augment
-from avsiam.data.audio import load_waveform, normalize_fbank, waveform_to_fbank
-from avsiam.data.manifest import ClipRecord, Manifest
+from avsiam.data.audio import decode_wav, normalize_fbank, waveform_to_fbank
+from avsiam.data.index import DatasetIndex
 from avsiam.data.sampler import mix_seed
-from avsiam.data.video import load_frame, normalize_frames
+from avsiam.data.shards import AUDIO_MEMBER, FRAME_MEMBERS, Sample
+from avsiam.data.video import decode_frame, normalize_frames
 
 Key = int | tuple[int, int]
 
@@ -31,26 +36,33 @@ Key = int | tuple[int, int]
 class StagedClips(Dataset):
     """Clips of one split of a staged dataset, with the recipe's preprocessing."""
 
-    def __init__(self, manifest: Manifest, split: str, recipe: RecipeConfig) -> None:
-        self.manifest, self.split, self.recipe = manifest, split, recipe
-        self.clips: list[ClipRecord] = manifest.split(split)
-        if not self.clips:
-            counts = ", ".join(f"{k}: {v}" for k, v in manifest.split_counts().items())
-            raise ValueError(f"{manifest.root}: split {split!r} has no clips ({counts})")
-        self.label_indices = [manifest.label_indices(c) for c in self.clips]
-        self.num_classes = manifest.num_classes
+    def __init__(self, index: DatasetIndex, split: str, recipe: RecipeConfig) -> None:
+        self.index, self.split, self.recipe = index, split, recipe
+        self.rows = index.split_rows(split)
+        if not len(self.rows):
+            counts = ", ".join(f"{k}: {v}" for k, v in index.split_counts().items())
+            raise ValueError(f"{index.location}: split {split!r} has no clips ({counts})")
+        self.num_classes = index.num_classes
         self.image_mean = torch.tensor(recipe.arch.image_mean)
         self.image_std = torch.tensor(recipe.arch.image_std)
+        self.reader = index.reader()
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.rows)
+
+    def labels(self, index: int) -> np.ndarray:
+        """Class indices of clip ``index`` of this split."""
+        return self.index.clips.labels(self.rows[index])
 
     def _resolve(self, key: Key) -> tuple[int, torch.Generator]:
         index, seed = key if isinstance(key, tuple) else (key, mix_seed(self.recipe.seed, key))
         return index, torch.Generator().manual_seed(seed)
 
-    def _waveform(self, index: int) -> torch.Tensor:
-        return load_waveform(self.manifest.path(self.clips[index].audio))
+    def _sample(self, index: int) -> Sample:
+        return self.index.read_sample(self.reader, self.rows[index])
+
+    def _waveform(self, sample: Sample) -> torch.Tensor:
+        return decode_wav(sample.media(AUDIO_MEMBER), f"{sample.where}: member {AUDIO_MEMBER}")
 
     def _fbank(self, waveform: torch.Tensor) -> torch.Tensor:
         return waveform_to_fbank(waveform, self.recipe.arch.audio_frames, self.recipe.arch.mel_bins)
@@ -58,9 +70,10 @@ class StagedClips(Dataset):
     def _normalize_audio(self, fbank: torch.Tensor) -> torch.Tensor:
         return normalize_fbank(fbank, self.recipe.input_norm_mean, self.recipe.input_norm_std)
 
-    def _frame(self, index: int, frame_no: int) -> torch.Tensor:
-        """One uint8 frame [3, H, W] of clip ``index``."""
-        return load_frame(self.manifest.path(self.clips[index].frames[frame_no]))
+    def _frame(self, sample: Sample, frame_no: int) -> torch.Tensor:
+        """One uint8 frame [3, H, W] of ``sample``."""
+        member = FRAME_MEMBERS[frame_no]
+        return decode_frame(sample.media(member), f"{sample.where}: member {member}")
 
     def _normalize_frames(self, frames_uint8: torch.Tensor) -> torch.Tensor:
         return normalize_frames(frames_uint8, self.image_mean, self.image_std)
@@ -72,14 +85,32 @@ class StagedClips(Dataset):
             fbank = augment.random_time_shift(fbank, g)
         return fbank
 
-    def _random_frame_no(self, index: int, g: torch.Generator) -> int:
-        return int(torch.randint(len(self.clips[index].frames), (1,), generator=g))
+    @staticmethod
+    def _random_frame_no(g: torch.Generator) -> int:
+        return int(torch.randint(len(FRAME_MEMBERS), (1,), generator=g))
 
     def exact_target(self, index: int) -> torch.Tensor:
         """Multi-hot (multi-label) or one-hot (single-label) float target, no smoothing."""
         target = torch.zeros(self.num_classes)
-        target[self.label_indices[index]] = 1.0
+        target[torch.from_numpy(self.labels(index).astype(np.int64))] = 1.0
         return target
+
+    def label_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets, values)``: the class indices of every clip of the split as CSR arrays
+        (clip ``i`` has ``values[offsets[i]:offsets[i + 1]]``), without reading a sample."""
+        clips = self.index.clips
+        counts = np.diff(clips.label_offsets)
+        in_split = np.zeros(len(clips), dtype=bool)
+        in_split[self.rows] = True
+        values = clips.label_values[np.repeat(in_split, counts)]
+        return np.concatenate([[0], np.cumsum(counts[self.rows])]), values
+
+    def exact_targets(self) -> np.ndarray:
+        """``[N, C]`` exact targets of the whole split."""
+        offsets, values = self.label_csr()
+        targets = np.zeros((len(self), self.num_classes), dtype=np.float32)
+        targets[np.repeat(np.arange(len(self)), np.diff(offsets)), values] = 1.0
+        return targets
 
 
 class PretrainClips(StagedClips):
@@ -87,8 +118,9 @@ class PretrainClips(StagedClips):
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
         index, g = self._resolve(key)
-        fbank = self._normalize_audio(self._fbank(self._waveform(index)))
-        frame = self._frame(index, self._random_frame_no(index, g))
+        sample = self._sample(index)
+        fbank = self._normalize_audio(self._fbank(self._waveform(sample)))
+        frame = self._frame(sample, self._random_frame_no(g))
         return {
             "audio": self._train_audio_noise(fbank, g),
             "frame": self._normalize_frames(frame),
@@ -103,27 +135,29 @@ class FinetuneClips(StagedClips):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         index, g = self._resolve(key)
         r = self.recipe
-        waveform = self._waveform(index)
-        frame = self._frame(index, self._random_frame_no(index, g)).float()
+        sample = self._sample(index)
+        waveform = self._waveform(sample)
+        frame = self._frame(sample, self._random_frame_no(g)).float()
         partner, lam = None, 1.0
         if r.mixup and float(torch.rand((), generator=g)) < r.mixup_rate:
             # The partner is drawn uniformly from the whole split, independent of the sampler
             # (as published); unlike the published AVSiam code the frames are mixed with the
             # same lambda as the waveform and the labels.
-            partner = int(torch.randint(len(self.clips), (1,), generator=g))
+            partner = int(torch.randint(len(self), (1,), generator=g))
             lam = augment.mixup_lambda(r.mixup_alpha, g)
-            waveform = augment.mix_waveforms(waveform, self._waveform(partner), lam)
-            partner_frame = self._frame(partner, self._random_frame_no(partner, g)).float()
+            partner_sample = self._sample(partner)
+            waveform = augment.mix_waveforms(waveform, self._waveform(partner_sample), lam)
+            partner_frame = self._frame(partner_sample, self._random_frame_no(g)).float()
             frame = lam * frame + (1.0 - lam) * partner_frame
         fbank = self._fbank(waveform)
         if r.freqm or r.timem:
             fbank = augment.spec_augment(fbank, r.freqm, r.timem, g)
         fbank = self._train_audio_noise(self._normalize_audio(fbank), g)
         target = augment.soft_targets(
-            self.label_indices[index],
+            self.labels(index).tolist(),
             self.num_classes,
             r.label_smoothing,
-            labels_b=None if partner is None else self.label_indices[partner],
+            labels_b=None if partner is None else self.labels(partner).tolist(),
             lam=lam,
         )
         return {"audio": fbank, "frame": self._normalize_frames(frame), "target": target, "index": index}
@@ -134,8 +168,9 @@ class EvalClips(StagedClips):
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
         index = key[0] if isinstance(key, tuple) else key
-        fbank = self._normalize_audio(self._fbank(self._waveform(index)))
-        frames = torch.stack([self._frame(index, i) for i in range(len(self.clips[index].frames))])
+        sample = self._sample(index)
+        fbank = self._normalize_audio(self._fbank(self._waveform(sample)))
+        frames = torch.stack([self._frame(sample, i) for i in range(len(FRAME_MEMBERS))])
         return {
             "audio": fbank,
             "frames": self._normalize_frames(frames),

@@ -17,6 +17,7 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 CLASSES_HEADER = ["index", "mid", "display_name"]
@@ -46,7 +47,7 @@ class ClassIndex:
     def __len__(self) -> int:
         return len(self.mids)
 
-    @property
+    @cached_property
     def index_of(self) -> dict[str, int]:
         return {mid: i for i, mid in enumerate(self.mids)}
 
@@ -91,13 +92,14 @@ def read_class_labels(path: str | Path) -> ClassIndex:
     return ClassIndex(tuple(mids), tuple(names))
 
 
-def write_class_labels(path: str | Path, classes: ClassIndex) -> None:
+def class_labels_csv(classes: ClassIndex) -> str:
+    """The text of ``class_labels_indices.csv`` for ``classes`` (what :func:`read_class_labels` reads)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CLASSES_HEADER)
     for i, (mid, name) in enumerate(zip(classes.mids, classes.names)):
         writer.writerow([i, mid, name])
-    Path(path).write_text(buf.getvalue(), encoding="utf-8")
+    return buf.getvalue()
 
 
 @dataclass(frozen=True)

@@ -33,14 +33,15 @@ def mix_seed(*values: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-def class_balanced_weights(label_indices: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
-    """Per-sample weight = sum over the sample's labels of 1000 / (n_c + 0.01) (CAV-MAE's rule)."""
-    counts = np.zeros(num_classes, dtype=np.float64)
-    for labels in label_indices:
-        for c in labels:
-            counts[c] += 1
-    label_weight = 1000.0 / (counts + 0.01)
-    return np.array([label_weight[list(labels)].sum() if len(labels) else 0.0 for labels in label_indices])
+def class_balanced_weights(label_offsets: np.ndarray, label_values: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample weight = sum over the sample's labels of 1000 / (n_c + 0.01) (CAV-MAE's rule).
+
+    Labels are CSR arrays: sample ``i`` has ``label_values[label_offsets[i]:label_offsets[i + 1]]``.
+    """
+    label_offsets, label_values = np.asarray(label_offsets), np.asarray(label_values, dtype=np.int64)
+    label_weight = 1000.0 / (np.bincount(label_values, minlength=num_classes).astype(np.float64) + 0.01)
+    sample_of_label = np.repeat(np.arange(len(label_offsets) - 1), np.diff(label_offsets))
+    return np.bincount(sample_of_label, weights=label_weight[label_values], minlength=len(label_offsets) - 1)
 
 
 class DistributedClipSampler(Sampler[tuple[int, int]]):

@@ -1,61 +1,63 @@
-"""Dataset sources for staging: a local folder used in place, or an ``s3://bucket/prefix``
-fetched into a work folder with only the clips its label files name.
+"""Dataset sources for staging: a local folder, or an ``s3://bucket/prefix``, used in place.
 
 A source holds the label files at the paths given (relative to it), the optional
 ``class_labels_indices.csv`` and, for csv label files, the clips under ``videos/``. The clips
 are named as the official layouts name them: ``{ytid}_{start:06d}.mp4`` for VGGSound and
 ``{ytid}_{start:.3f}.mp4`` for AudioSet segments.
+
+Only the label files (small) are fetched from S3 here; the clips stay where they are, and each
+staging shard task reads its own clips from the prefix (:mod:`avsiam.data.staging`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from avsiam.data.formats import sniff_label_format
-from avsiam.storage.s3 import NoSuchObjectError, StorageError, download_object, download_tree, fingerprint
-
-log = logging.getLogger(__name__)
+from avsiam.data.formats import FormatError, sniff_label_format
+from avsiam.storage.s3 import NoSuchObjectError, download_object, fingerprint
 
 VIDEOS = "videos"
 
 
-class SourceError(ValueError):
+class SourceError(FormatError):
     """The source lacks what staging needs. The message names the folder or URI and the file."""
 
 
 @dataclass(frozen=True)
-class LocalSource:
-    root: Path
-    videos_dir: Path | None  # None for CAV-MAE datafiles, which name their own wav and frame paths
-    label_files: list[Path]
+class SourceLayout:
+    videos: str | None  # the clips' folder or s3:// prefix; None for CAV-MAE datafiles (they name their own files)
+    label_files: list[Path]  # local files (copies, for an S3 source)
     classes_csv: Path | None
 
 
-def materialize_source(
-    source: str,
-    workdir: Path,
-    *,
-    label_files: Sequence[str],
-    classes_csv: str | None,
-    workers: int = 8,
-) -> LocalSource:
-    """A local view of ``source`` for staging.
-
-    A folder is checked and used in place, and ``workdir`` is not touched. An S3 prefix is
-    downloaded into ``workdir``: the label files first, then only the clips they name, in
-    parallel and resumable (see :mod:`avsiam.storage.s3`). A clip the labels name but the
-    bucket lacks is left for staging to quarantine. A missing label file is an error.
-    """
+def resolve_source(source: str, workdir: Path, *, label_files: Sequence[str], classes_csv: str | None) -> SourceLayout:
+    """What staging needs of ``source``: a folder is checked and used in place (``workdir`` is
+    not touched); for an S3 prefix the label files are fetched into ``workdir`` and the clips
+    stay in S3. A missing label file is an error; a clip the labels name but the source lacks
+    is left for staging to quarantine."""
     if not label_files:
         raise SourceError(f"{source}: no label file given")
     if source.startswith("s3://"):
-        return _fetch_s3_source(source.rstrip("/"), Path(workdir), label_files, classes_csv, workers)
-    return _check_local_source(Path(source), label_files, classes_csv)
+        return _s3_source(source.rstrip("/"), Path(workdir), label_files, classes_csv)
+    local = _check_local_source(Path(source), label_files, classes_csv)
+    return SourceLayout(str(local.videos_dir) if local.videos_dir else None, local.label_files, local.classes_csv)
+
+
+def local_copy(location: str | Path, workdir: Path) -> Path:
+    """A local file with the content of ``location``: the path itself, or an S3 object fetched into ``workdir``."""
+    text = str(location)
+    if not text.startswith("s3://"):
+        return Path(text)
+    path = Path(workdir) / PurePosixPath(text).name
+    try:
+        download_object(text, path)
+    except NoSuchObjectError:
+        raise SourceError(f"{text} does not exist") from None
+    return path
 
 
 def source_fingerprint(source: str, label_files: Sequence[str], classes_csv: str | None) -> str:
@@ -78,7 +80,15 @@ def source_fingerprint(source: str, label_files: Sequence[str], classes_csv: str
     return digest.hexdigest()
 
 
-def _check_local_source(root: Path, label_files: Sequence[str], classes_csv: str | None) -> LocalSource:
+@dataclass(frozen=True)
+class _LocalSource:
+    root: Path
+    videos_dir: Path | None
+    label_files: list[Path]
+    classes_csv: Path | None
+
+
+def _check_local_source(root: Path, label_files: Sequence[str], classes_csv: str | None) -> _LocalSource:
     if not root.is_dir():
         raise SourceError(f"dataset folder {root} does not exist")
     root = root.resolve()
@@ -90,33 +100,17 @@ def _check_local_source(root: Path, label_files: Sequence[str], classes_csv: str
     videos = root / VIDEOS if _names_clips(labels) else None
     if videos and not videos.is_dir():
         raise SourceError(f"dataset folder {root}: csv label files name clips, which belong in {videos} (missing)")
-    return LocalSource(root, videos, labels, classes)
+    return _LocalSource(root, videos, labels, classes)
 
 
-def _fetch_s3_source(uri: str, workdir: Path, label_files: Sequence[str], classes_csv: str | None, workers: int) -> LocalSource:
+def _s3_source(uri: str, workdir: Path, label_files: Sequence[str], classes_csv: str | None) -> SourceLayout:
     workdir.mkdir(parents=True, exist_ok=True)
     labels = [_fetch_named_file(uri, name, workdir, "label file") for name in label_files]
     classes = _fetch_named_file(uri, classes_csv, workdir, "classes csv") if classes_csv else None
     if not _names_clips(labels):
-        raise SourceError(f"{uri}: CAV-MAE datafiles name local wav and frame paths and cannot be fetched from S3; "
+        raise SourceError(f"{uri}: CAV-MAE datafiles name local wav and frame paths and cannot be read from S3; "
                           "use VGGSound or AudioSet csv label files, or a local folder")
-    # Imported here: staging loads torch and the decoders, which fingerprinting a source does not need.
-    from avsiam.data.staging import plan_clips
-
-    videos = workdir / VIDEOS
-    videos.mkdir(exist_ok=True)
-    # plan_clips reads and checks every label file, so a broken one fails before any clip moves.
-    _, _, planned = plan_clips(videos, labels, classes)
-    needed = {Path(clip.video).name for clip in planned}
-    report = download_tree(f"{uri}/{VIDEOS}", videos, include=needed.__contains__, workers=workers)
-    if report.failed:
-        listed = "; ".join(f"{key}: {why}" for key, why in sorted(report.failed.items())[:5])
-        raise StorageError(f"{len(report.failed)} clips failed to download from {uri}/{VIDEOS} (run again to resume): {listed}")
-    absent = len(needed) - report.downloaded - report.skipped
-    if absent:
-        where = f"{uri}/{VIDEOS}"
-        log.warning("%d of %d clips named by the labels are not under %s; staging quarantines them", absent, len(needed), where)
-    return LocalSource(workdir.resolve(), videos.resolve(), labels, classes)
+    return SourceLayout(f"{uri}/{VIDEOS}", labels, classes)
 
 
 def _fetch_named_file(uri: str, name: str, workdir: Path, what: str) -> Path:

@@ -1,47 +1,94 @@
-"""``avsiam stage``: turn downloaded clips and their label file into a staged dataset.
+"""Staging: downloaded clips and their label files in, a sharded dataset out.
 
-Input is a folder of clips plus one or more label files in an official layout (VGGSound csv,
-AudioSet segments csv with ``class_labels_indices.csv``, or a CAV-MAE datafile pointing at
-already extracted wavs and frames). Every clip becomes a 16 kHz mono wav and its 10 frames
-(shorter side 224, centre crop), decoded in parallel worker processes. A clip that is missing
-or does not decode is quarantined with its reason in ``quarantine.csv``; the stage fails only
-when the bad fraction exceeds ``max_bad_fraction``. Re-staging into the same folder reuses
-every clip whose source bytes did not change, so new clips cost only their own decoding.
+Input is a folder or ``s3://`` prefix of clips plus label files in an official layout
+(VGGSound csv, AudioSet segments csv with ``class_labels_indices.csv``, or a CAV-MAE datafile
+pointing at already extracted wavs and frames). Output is a staged dataset
+(:mod:`avsiam.data.index`): WebDataset shards holding each clip's 16 kHz mono wav and 10
+frames (shorter side 224, centre crop), and the index.
 
-Label files are read and checked completely (unknown label ids, duplicates, bad rows) before
-any clip is decoded.
+Staging is planned once and then runs as one independent task per shard, so an orchestrator
+can spread the shards over a cluster (``flows/staging.py`` runs them as Prefect tasks on
+Ray; :func:`stage_dataset` runs them in this process):
+
+1. :func:`plan_staging` reads and checks every label file before anything is decoded, takes
+   each source's identity from metadata alone (size and mtime on disk, the ETag and size of
+   one S3 listing; never the bytes), and assigns clips to shard *slots*. The assignment is
+   stable: a clip keeps the slot it had, new clips fill the split's last slot and then new
+   ones, so a retrain with 1 % new clips decodes about 1 % of the data.
+2. :func:`stage_shard` builds one shard. Its key digests its clips' ids, splits, labels and
+   source identities (and :data:`STAGING_FORMAT`, not the project version: a release must
+   not re-decode 2 M clips). A shard whose key has a finished record beside it is reused as
+   it is; otherwise unchanged clips are copied from the slot's previous shard and only new or
+   changed sources are read (each from its own path or S3 object) and decoded. A missing or
+   undecodable clip is quarantined with its reason.
+3. :func:`finalize_staging` checks ``max_bad_fraction`` over the whole dataset, writes
+   ``quarantine.csv``, the class list and the index, and removes shards that neither the new
+   nor the previous index lists (a training run on the previous index keeps its files).
+
+A run killed mid-way keeps every shard it finished: run again, those are reused.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import json
+import logging
+import os
 import re
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
-from pathlib import Path
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-from tqdm import tqdm
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from avsiam.data.audio import DecodeError, load_waveform, write_wav
+from avsiam.data.audio import WINDOW_SAMPLES, DecodeError, encode_wav, load_waveform
 from avsiam.data.formats import (
+    SPLITS,
     ClassIndex,
     FormatError,
+    class_labels_csv,
     read_audioset_segments,
     read_cavmae_datafile,
     read_class_labels,
     read_vggsound_csv,
     sniff_label_format,
-    write_class_labels,
 )
-from avsiam.data.manifest import CLASSES_NAME, MANIFEST_NAME, ClipRecord, Manifest, file_digest, load_manifest
+from avsiam.data.index import (
+    CLASSES_NAME,
+    INDEX_NAME,
+    QUARANTINE_NAME,
+    SHARDS_DIR,
+    ClipTable,
+    DatasetIndex,
+    ShardInfo,
+    load_index,
+    write_index,
+)
 from avsiam.data.sampler import mix_seed
-from avsiam.data.video import NUM_FRAMES, extract_frames, load_frame, resize_and_crop, save_frame
+from avsiam.data.shards import MEDIA_MEMBERS, ShardError, parse_sample, write_shard
+from avsiam.data.video import NUM_FRAMES, encode_frame, extract_frames, load_frame, resize_and_crop
+from avsiam.storage import s3
+from avsiam.storage.store import MissingFileError, Store, open_store
 
-QUARANTINE_NAME = "quarantine.csv"
+log = logging.getLogger(__name__)
+
+# Bump when the staged bytes of a clip change (decoders, frame size, JPEG quality): every
+# shard's key changes with it, so the next staging decodes everything again.
+STAGING_FORMAT = 1
+DEFAULT_CLIPS_PER_SHARD = 1000  # ~0.5 GB at AudioSet's 0.5-0.6 MB per staged clip
+ASSIGNMENT_NAME = "assignment.parquet"
+RECORD_FORMAT = "avsiam-shard-record"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_STAT_THREADS = 32  # stat() calls in flight while planning: metadata latency dominates on NFS
 
 
 class StagingError(RuntimeError):
@@ -50,30 +97,114 @@ class StagingError(RuntimeError):
 
 @dataclass(frozen=True)
 class PlannedClip:
-    """A clip to stage: its id, split, labels and where its audio and frames come from."""
+    """A clip to stage: its id, split, labels, where its media come from and their identity."""
 
     id: str
     split: str
     labels: tuple[str, ...]
-    video: str | None = None  # an mp4 holding both audio and video
+    video: str | None = None  # an mp4 (local path or s3:// URI) holding both audio and video
     wav: str | None = None  # CAV-MAE: an extracted audio file ...
     frames: tuple[str, ...] = ()  # ... and its extracted frames
+    identity: str | None = None  # size + mtime, or ETag + size; None: the source is missing
 
     @property
-    def sources(self) -> list[Path]:
-        return [Path(self.video)] if self.video else [Path(self.wav), *map(Path, self.frames)]
+    def sources(self) -> tuple[str, ...]:
+        return (self.video,) if self.video else (self.wav, *self.frames)
+
+    @property
+    def source_name(self) -> str:
+        """The source's file name: recorded in the sample, independent of where the raw data lives."""
+        return PurePosixPath(self.sources[0]).name
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard to build: everything its task needs, and nothing the task must look up."""
+
+    out: str  # the dataset folder or s3:// prefix
+    slot: str  # e.g. "train-000003": the clips' stable home
+    clips: tuple[PlannedClip, ...]
+    previous: str | None = None  # the slot's shard in the previous index (copy source)
+
+    @cached_property
+    def key(self) -> str:
+        clips = [[c.id, c.split, list(c.labels), c.identity] for c in self.clips]
+        return hashlib.sha256(json.dumps({"format": STAGING_FORMAT, "clips": clips}).encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return f"{self.slot}-{self.key[:12]}"
+
+    @property
+    def split(self) -> str:
+        return self.slot.rsplit("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard task returns; also its record, written beside the shard once it is complete."""
+
+    name: str
+    key: str
+    split: str
+    samples: tuple[tuple[str, int, int, str], ...]  # (clip id, offset, size, source identity)
+    bytes: int
+    sha256: str
+    quarantined: tuple[tuple[str, str, str], ...]  # (clip id, source, reason)
+    reused: bool = False
+    decoded: int = 0
+    copied: int = 0
+    fetched_objects: int = 0
+    fetched_bytes: int = 0
+    cpu_seconds: float = 0.0  # of the task's process while it built the shard
+
+    def record(self) -> bytes:
+        doc = {"format": RECORD_FORMAT, "name": self.name, "key": self.key, "split": self.split, "bytes": self.bytes,
+               "sha256": self.sha256, "samples": self.samples, "quarantined": self.quarantined}
+        return json.dumps(doc).encode()
+
+    @classmethod
+    def from_record(cls, data: bytes) -> ShardResult:
+        doc = json.loads(data)
+        if doc.get("format") != RECORD_FORMAT:
+            raise ValueError("not a shard record")
+        return cls(doc["name"], doc["key"], doc["split"], tuple(map(tuple, doc["samples"])), int(doc["bytes"]),
+                   doc["sha256"], tuple(map(tuple, doc["quarantined"])), reused=True)
+
+
+@dataclass
+class StagingPlan:
+    store: Store
+    classes: ClassIndex
+    multi_label: bool
+    shards: list[ShardSpec]
+    previous: DatasetIndex | None
+    source: str
+    clips_per_shard: int
+
+    @property
+    def num_clips(self) -> int:
+        return sum(len(s.clips) for s in self.shards)
 
 
 @dataclass
 class StagingResult:
-    manifest_path: Path | None
-    staged: int
-    reused: int
-    quarantined: list[tuple[str, str, str]] = field(default_factory=list)  # (id, source, reason)
+    index: DatasetIndex
+    shards_built: int
+    shards_reused: int
+    decoded: int  # clips read from their source and decoded
+    copied: int  # clips copied unchanged from a previous shard
+    quarantined: list[tuple[str, str, str, str]] = field(default_factory=list)  # (clip id, shard slot, source, reason)
+    fetched_objects: int = 0  # source objects read from S3
+    fetched_bytes: int = 0
+    cpu_seconds: float = 0.0  # summed over the shard tasks
 
     @property
-    def total(self) -> int:
-        return self.staged + self.reused + len(self.quarantined)
+    def num_clips(self) -> int:
+        return len(self.index.clips)
+
+
+# -- planning ---------------------------------------------------------------------------------
 
 
 def infer_split(label_file: Path) -> str:
@@ -85,25 +216,33 @@ def infer_split(label_file: Path) -> str:
     return "train"
 
 
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}" if folder.startswith("s3://") else str(Path(folder) / name)
+
+
 def plan_clips(
-    videos_dir: Path | None,
+    videos: str | Path | None,
     label_files: Sequence[Path],
     classes_csv: Path | None = None,
     split: str | None = None,
     val_fraction: float = 0.0,
     seed: int = 0,
 ) -> tuple[ClassIndex, bool, list[PlannedClip]]:
-    """Read every label file and return (classes, multi_label, clips) without decoding anything."""
+    """Read every label file and return (classes, multi_label, clips) without touching a clip.
+
+    ``videos``: the folder or ``s3://`` prefix of the clips the csv label files name.
+    """
     if not label_files:
         raise FormatError("no label file given (--labels)")
     formats = {sniff_label_format(f) for f in label_files}
     if len(formats) > 1:
         raise FormatError(f"label files mix formats ({', '.join(sorted(formats))}); stage them separately")
     fmt = formats.pop()
-    if fmt in ("vggsound", "audioset") and videos_dir is None:
+    if fmt in ("vggsound", "audioset") and videos is None:
         raise FormatError(f"--videos is required for a {fmt} label file")
-    if videos_dir is not None and not videos_dir.is_dir():
-        raise FormatError(f"--videos {videos_dir}: not a directory")
+    videos = None if videos is None else str(videos)
+    if videos is not None and not videos.startswith("s3://") and not Path(videos).is_dir():
+        raise FormatError(f"--videos {videos}: not a directory")
     classes = read_class_labels(classes_csv) if classes_csv else None
     planned: list[PlannedClip] = []
     if fmt == "vggsound":
@@ -113,20 +252,24 @@ def plan_clips(
             names = tuple(sorted({s.labels[0] for _, s in segments}))
             classes = ClassIndex(names, names)
         by_name = {n: m for m, n in zip(classes.mids, classes.names)}
+        lookup = classes.index_of
         for f, s in segments:
-            label = s.labels[0] if s.labels[0] in classes.index_of else by_name.get(s.labels[0], s.labels[0])
-            classes.indices([label], f"{f}: line {s.line}")
+            label = s.labels[0] if s.labels[0] in lookup else by_name.get(s.labels[0], s.labels[0])
+            if label not in lookup:
+                classes.indices([label], f"{f}: line {s.line}")
             clip_id = Path(s.vggsound_filename()).stem
-            planned.append(PlannedClip(clip_id, split or s.split or "train", (label,), video=str(videos_dir / s.vggsound_filename())))
+            planned.append(PlannedClip(clip_id, split or s.split or "train", (label,), video=_join(videos, s.vggsound_filename())))
         multi_label = False
     elif fmt == "audioset":
         if classes is None:
             raise FormatError("--classes class_labels_indices.csv is required with an AudioSet segments csv")
+        lookup = classes.index_of
         for f in label_files:
             for s in read_audioset_segments(f):
-                classes.indices(s.labels, f"{f}: line {s.line}")
+                if any(label not in lookup for label in s.labels):
+                    classes.indices(s.labels, f"{f}: line {s.line}")
                 clip_id = Path(s.audioset_filename()).stem
-                planned.append(PlannedClip(clip_id, split or infer_split(f), s.labels, video=str(videos_dir / s.audioset_filename())))
+                planned.append(PlannedClip(clip_id, split or infer_split(f), s.labels, video=_join(videos, s.audioset_filename())))
         multi_label = True
     else:
         if classes is None:
@@ -163,124 +306,361 @@ def _carve_val(clip: PlannedClip, fraction: float, seed: int) -> PlannedClip:
     return clip
 
 
-def _shard(clip_id: str) -> str:
-    """Two-hex-digit subfolder, so millions of clips never sit in one directory."""
-    return hashlib.sha1(clip_id.encode()).hexdigest()[:2]
+def with_identities(planned: Sequence[PlannedClip], videos: str | Path | None) -> list[PlannedClip]:
+    """The clips with their source identity, from metadata only: one listing of an S3 prefix,
+    or a stat() per local file (in parallel threads, as metadata latency dominates on NFS)."""
+    if videos is not None and str(videos).startswith("s3://"):
+        listing = {PurePosixPath(o.key).name: o for o in s3.list_objects(str(videos))}
+
+        def identity(clip: PlannedClip) -> str | None:
+            obj = listing.get(clip.source_name)
+            return None if obj is None else f"etag:{obj.etag}:{obj.size}"
+
+        return [_replace_identity(c, identity(c)) for c in planned]
+
+    def stat_identity(clip: PlannedClip) -> str | None:
+        parts = []
+        for source in clip.sources:
+            try:
+                st = os.stat(source)
+            except OSError:
+                return None
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+        return "stat:" + ",".join(parts)
+
+    with ThreadPoolExecutor(_STAT_THREADS) as pool:
+        return [_replace_identity(c, ident) for c, ident in zip(planned, pool.map(stat_identity, planned, chunksize=256))]
 
 
-def stage_one(clip: PlannedClip, out_dir: str, previous: ClipRecord | None) -> tuple[str, ClipRecord | str]:
-    """Worker: stage one clip. Returns ("staged"|"reused", record) or ("bad", reason)."""
-    out = Path(out_dir)
-    missing = [str(p) for p in clip.sources if not p.is_file()]
-    if missing:
-        return "bad", f"missing file {missing[0]}"
-    source_digest = file_digest(clip.sources)
-    shard = _shard(clip.id)
-    audio_rel = f"audio/{shard}/{clip.id}.wav"
-    frame_rels = tuple(f"frames/{shard}/{clip.id}/{i}.jpg" for i in range(NUM_FRAMES))
-    if (
-        previous is not None
-        and previous.source_digest == source_digest
-        and all((out / rel).is_file() for rel in [previous.audio, *previous.frames])
-    ):
-        return "reused", ClipRecord(clip.id, clip.split, previous.audio, previous.frames, clip.labels, previous.digest, source_digest)
-    try:
-        if clip.video:
-            waveform = load_waveform(clip.video)
-            frames = extract_frames(clip.video, num_frames=NUM_FRAMES)
+def _replace_identity(clip: PlannedClip, identity: str | None) -> PlannedClip:
+    return PlannedClip(clip.id, clip.split, clip.labels, clip.video, clip.wav, clip.frames, identity)
+
+
+def assign_slots(planned: Sequence[PlannedClip], previous: dict[str, str], clips_per_shard: int) -> dict[str, list[PlannedClip]]:
+    """Clips by slot: a clip keeps its previous slot (of its split); new clips fill the split's
+    last slot up to ``clips_per_shard`` and then open new slots, in label-file order."""
+    if clips_per_shard < 1:
+        raise ValueError(f"clips_per_shard must be at least 1, got {clips_per_shard}")
+    slots: dict[str, list[PlannedClip]] = {}
+    new: dict[str, list[PlannedClip]] = {s: [] for s in SPLITS}
+    for clip in planned:
+        slot = previous.get(clip.id)
+        if slot is not None and slot.rsplit("-", 1)[0] == clip.split:
+            slots.setdefault(slot, []).append(clip)
         else:
-            waveform = load_waveform(clip.wav)
-            frames = [resize_and_crop(load_frame(p)) for p in clip.frames]
-    except (DecodeError, OSError, ValueError) as exc:
-        return "bad", str(exc)
-    if waveform.numel() < 400:  # shorter than one 25 ms analysis window at 16 kHz
-        return "bad", f"audio too short ({waveform.numel()} samples at 16 kHz)"
-    (out / audio_rel).parent.mkdir(parents=True, exist_ok=True)
-    (out / frame_rels[0]).parent.mkdir(parents=True, exist_ok=True)
-    write_wav(out / audio_rel, waveform)
-    for frame, rel in zip(frames, frame_rels):
-        save_frame(frame, out / rel)
-    digest = file_digest([out / audio_rel, *(out / rel for rel in frame_rels)])
-    return "staged", ClipRecord(clip.id, clip.split, audio_rel, frame_rels, clip.labels, digest, source_digest)
+            new[clip.split].append(clip)
+    used = {s: [int(slot.rsplit("-", 1)[1]) for slot in previous.values() if slot.rsplit("-", 1)[0] == s] for s in SPLITS}
+    for split, clips in new.items():
+        if not clips:
+            continue
+        numbers = used[split]
+        last = f"{split}-{max(numbers):06d}" if numbers else None
+        if last is not None and last in slots and len(slots[last]) < clips_per_shard:
+            room = clips_per_shard - len(slots[last])
+            slots[last].extend(clips[:room])
+            clips = clips[room:]
+        number = max(numbers) + 1 if numbers else 0
+        for start in range(0, len(clips), clips_per_shard):
+            slots[f"{split}-{number:06d}"] = list(clips[start : start + clips_per_shard])
+            number += 1
+    return dict(sorted(slots.items()))
+
+
+def plan_staging(
+    label_files: Sequence[str | Path],
+    out: str | Path,
+    videos: str | Path | None = None,
+    classes_csv: str | Path | None = None,
+    split: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    clips_per_shard: int = DEFAULT_CLIPS_PER_SHARD,
+    description: str | None = None,
+) -> StagingPlan:
+    """Plan the staging of a dataset into ``out`` (see the module docstring); decodes nothing.
+    ``description`` names the source in the index (default: the label files)."""
+    store = open_store(out)
+    classes, multi_label, planned = plan_clips(
+        videos, [Path(f) for f in label_files], Path(classes_csv) if classes_csv else None, split, val_fraction, seed
+    )
+    planned = with_identities(planned, videos)
+    previous = _previous_index(store)
+    assignment = _read_assignment(store)
+    slots = assign_slots(planned, assignment, clips_per_shard)
+    _write_assignment(store, slots)
+    previous_names = {s.slot: s.name.removesuffix(".tar") for s in previous.shards} if previous else {}
+    specs = [ShardSpec(store.location, slot, tuple(clips), previous_names.get(slot)) for slot, clips in slots.items()]
+    source = description or ", ".join(str(Path(f).resolve()) for f in label_files)
+    return StagingPlan(store, classes, multi_label, specs, previous, source, clips_per_shard)
+
+
+def _previous_index(store: Store) -> DatasetIndex | None:
+    if not store.exists(INDEX_NAME):
+        return None
+    try:
+        return load_index(store.location)
+    except FormatError as exc:  # an unusable old index only costs decoding again
+        log.warning("%s: the previous index cannot be used (%s); every clip is decoded again", store.location, exc)
+        return None
+
+
+def _read_assignment(store: Store) -> dict[str, str]:
+    """``{clip id: slot}`` of the last plan of this folder, finished or not."""
+    try:
+        table = pq.read_table(io.BytesIO(store.read_bytes(ASSIGNMENT_NAME)))
+    except MissingFileError:
+        return {}
+    return dict(zip(table.column("id").to_pylist(), table.column("slot").to_pylist()))
+
+
+def _write_assignment(store: Store, slots: dict[str, list[PlannedClip]]) -> None:
+    ids = [c.id for clips in slots.values() for c in clips]
+    names = [slot for slot, clips in slots.items() for _ in clips]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "slot": pa.array(names, pa.string())}), buffer)
+    store.write_bytes(ASSIGNMENT_NAME, buffer.getvalue())
+
+
+# -- one shard --------------------------------------------------------------------------------
+
+
+def stage_shard(spec: ShardSpec) -> ShardResult:
+    """Build (or reuse) the shard of ``spec``: the body of one staging task."""
+    store = open_store(spec.out)
+    done = _finished_record(store, spec.name, spec.key)
+    if done is not None:
+        return done
+    cpu_start = time.process_time()
+    previous = _finished_record(store, spec.previous, None) if spec.previous and spec.previous != spec.name else None
+    counts = {"decoded": 0, "copied": 0, "fetched_objects": 0, "fetched_bytes": 0}
+    quarantined: list[tuple[str, str, str]] = []
+    kept: list[PlannedClip] = []
+    with tempfile.TemporaryDirectory(prefix=f"avsiam-{spec.slot}-") as tmp, _CopySource(store, previous, Path(tmp)) as copies:
+        work = Path(tmp)
+
+        def samples() -> Iterator[tuple[dict[str, bytes], dict[str, Any]]]:
+            for clip in spec.clips:
+                media = copies.media(clip)
+                if media is not None:
+                    counts["copied"] += 1
+                else:
+                    try:
+                        media = _decode_clip(clip, work, counts)
+                    except DecodeError as exc:
+                        quarantined.append((clip.id, clip.sources[0], str(exc)))
+                        continue
+                    counts["decoded"] += 1
+                kept.append(clip)
+                yield media, {"id": clip.id, "split": clip.split, "labels": list(clip.labels),
+                              "source": clip.source_name, "identity": clip.identity}
+
+        tar_path = work / f"{spec.name}.tar"
+        written = write_shard(tar_path, samples())
+        size, sha256 = (written.bytes, written.sha256) if written.ranges else (0, "")
+        result = ShardResult(
+            spec.name, spec.key, spec.split,
+            tuple((c.id, offset, length, c.identity) for c, (offset, length) in zip(kept, written.ranges)),
+            size, sha256, tuple(quarantined), reused=False, **counts, cpu_seconds=time.process_time() - cpu_start,
+        )
+        if written.ranges:
+            store.put_file(f"{SHARDS_DIR}/{spec.name}.tar", tar_path)
+    # The record goes last: its presence means the shard is complete.
+    store.write_bytes(f"{SHARDS_DIR}/{spec.name}.json", result.record())
+    log.info("%s: %d clips (%d decoded, %d copied), %d quarantined", spec.name, len(result.samples),
+             result.decoded, result.copied, len(quarantined))
+    return result
+
+
+def _finished_record(store: Store, name: str | None, key: str | None) -> ShardResult | None:
+    """The record of shard ``name`` if it is complete (and has ``key``, when given)."""
+    if name is None:
+        return None
+    try:
+        result = ShardResult.from_record(store.read_bytes(f"{SHARDS_DIR}/{name}.json"))
+    except (MissingFileError, ValueError, KeyError):
+        return None
+    if key is not None and result.key != key:
+        return None
+    if result.samples and store.size(f"{SHARDS_DIR}/{name}.tar") != result.bytes:
+        return None
+    return result
+
+
+class _CopySource:
+    """Samples of the slot's previous shard whose source did not change, copied without decoding."""
+
+    def __init__(self, store: Store, previous: ShardResult | None, work: Path) -> None:
+        self.store, self.previous, self.work = store, previous, work
+        self.ranges = {clip_id: (offset, size, identity) for clip_id, offset, size, identity in previous.samples} if previous else {}
+        self._fd: int | None = None
+
+    def __enter__(self) -> _CopySource:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def media(self, clip: PlannedClip) -> dict[str, bytes] | None:
+        found = self.ranges.get(clip.id)
+        if found is None or found[2] != clip.identity:
+            return None
+        offset, size, _ = found
+        try:
+            sample = parse_sample(os.pread(self._open(), size, offset), self.previous.name, clip.id)
+            return {name: sample.media(name) for name in MEDIA_MEMBERS}
+        except (ShardError, MissingFileError) as exc:  # a damaged or vanished previous shard only costs decoding again
+            log.warning("%s; decoding clip %s again", exc, clip.id)
+            return None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.store.readable_copy(f"{SHARDS_DIR}/{self.previous.name}.tar", self.work), os.O_RDONLY)
+        return self._fd
+
+
+def _decode_clip(clip: PlannedClip, work: Path, counts: dict[str, int]) -> dict[str, bytes]:
+    """The staged media of one clip, read from its own source; raises :class:`DecodeError`."""
+    if clip.identity is None:
+        raise DecodeError(clip.sources[0], "missing file")
+    if clip.video:
+        path = _local_source(clip.video, work, counts)
+        try:
+            waveform = load_waveform(path)
+            frames = extract_frames(path, num_frames=NUM_FRAMES)
+        finally:
+            if path.parent == work:
+                path.unlink(missing_ok=True)
+    else:
+        waveform = load_waveform(clip.wav)
+        frames = [resize_and_crop(load_frame(p)) for p in clip.frames]
+    if waveform.numel() < WINDOW_SAMPLES:
+        raise DecodeError(clip.sources[0], f"audio too short ({waveform.numel()} samples at 16 kHz)")
+    return {"wav": encode_wav(waveform), **{f"{i}.jpg": encode_frame(frame) for i, frame in enumerate(frames)}}
+
+
+def _local_source(location: str, work: Path, counts: dict[str, int]) -> Path:
+    if not location.startswith("s3://"):
+        return Path(location)
+    path = work / PurePosixPath(location).name
+    try:
+        s3.download_object(location, path)
+    except s3.NoSuchObjectError:
+        raise DecodeError(location, "missing file") from None
+    counts["fetched_objects"] += 1
+    counts["fetched_bytes"] += path.stat().st_size
+    return path
+
+
+# -- the dataset --------------------------------------------------------------------------------
+
+
+def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult], max_bad_fraction: float = 0.2) -> StagingResult:
+    """Write the index of a staging whose shard tasks all finished (see the module docstring)."""
+    by_name = {r.name: r for r in results}
+    specs = {s.name: s for s in plan.shards}
+    if set(by_name) != set(specs):
+        missing = sorted(set(specs) - set(by_name))
+        raise StagingError(f"{plan.store.location}: {len(missing)} shards have no result (e.g. {missing[:3]})")
+    store = plan.store
+    quarantined = sorted((clip_id, specs[name].slot, source, reason)
+                         for name, r in by_name.items() for clip_id, source, reason in r.quarantined)
+    _write_quarantine(store, quarantined)
+    total = plan.num_clips
+    bad_fraction = len(quarantined) / total if total else 1.0
+    if bad_fraction > max_bad_fraction:
+        raise StagingError(
+            f"{len(quarantined)} of {total} clips are bad ({bad_fraction:.1%} > max_bad_fraction "
+            f"{max_bad_fraction:.1%}); see {store.uri(QUARANTINE_NAME)}"
+        )
+    built = [by_name[s.name] for s in plan.shards if by_name[s.name].samples]
+    if not built:
+        raise StagingError(f"no clip could be staged; see {store.uri(QUARANTINE_NAME)}")
+    shards = tuple(ShardInfo(f"{r.name}.tar", r.split, len(r.samples), r.bytes, r.sha256) for r in built)
+    table = _clip_table(plan, built, specs)
+    store.write_bytes(CLASSES_NAME, class_labels_csv(plan.classes).encode())
+    extra = {"source": plan.source, "clips_per_shard": plan.clips_per_shard, "quarantined": len(quarantined),
+             "staging_format": STAGING_FORMAT}
+    index = write_index(store, plan.classes, plan.multi_label, shards, table, extra)
+    _prune(store, index, plan.previous, set(by_name))
+    results_list = list(by_name.values())
+    return StagingResult(
+        index=index,
+        shards_built=sum(not r.reused for r in results_list),
+        shards_reused=sum(r.reused for r in results_list),
+        decoded=sum(r.decoded for r in results_list),
+        copied=sum(r.copied for r in results_list),
+        quarantined=quarantined,
+        fetched_objects=sum(r.fetched_objects for r in results_list),
+        fetched_bytes=sum(r.fetched_bytes for r in results_list),
+        cpu_seconds=sum(r.cpu_seconds for r in results_list),
+    )
+
+
+def _clip_table(plan: StagingPlan, built: list[ShardResult], specs: dict[str, ShardSpec]) -> ClipTable:
+    lookup = plan.classes.index_of
+    ids: list[str] = []
+    split, shard, offset, size, label_counts, label_values = [], [], [], [], [], []
+    for number, result in enumerate(built):
+        planned = {c.id: c for c in specs[result.name].clips}
+        for clip_id, start, length, _identity in result.samples:
+            clip = planned[clip_id]
+            ids.append(clip_id)
+            split.append(SPLITS.index(clip.split))
+            shard.append(number)
+            offset.append(start)
+            size.append(length)
+            label_counts.append(len(clip.labels))
+            label_values.extend(lookup[label] for label in clip.labels)
+    return ClipTable(
+        ids=pa.array(ids, pa.string()),
+        split=np.asarray(split, np.int8),
+        shard=np.asarray(shard, np.int32),
+        offset=np.asarray(offset, np.int64),
+        size=np.asarray(size, np.int32),
+        label_offsets=np.concatenate([[0], np.cumsum(label_counts)]).astype(np.int32),
+        label_values=np.asarray(label_values, np.int32),
+    )
+
+
+def _prune(store: Store, index: DatasetIndex, previous: DatasetIndex | None, current: set[str]) -> None:
+    """Remove shard files and clip tables that neither this nor the previous index uses."""
+    keep_shards = current | {s.name.removesuffix(".tar") for s in index.shards}
+    if previous is not None:
+        keep_shards |= {s.name.removesuffix(".tar") for s in previous.shards}
+    stale = [rel for rel in store.sizes(SHARDS_DIR)
+             if PurePosixPath(rel).name.split(".", 1)[0] not in keep_shards]
+    keep_tables = {f"clips-{index.dataset_digest[:16]}.arrow"}
+    if previous is not None:
+        keep_tables.add(f"clips-{previous.dataset_digest[:16]}.arrow")
+    stale += [rel for rel in store.sizes("") if re.fullmatch(r"clips-[0-9a-f]{16}\.arrow", rel) and rel not in keep_tables]
+    if stale:
+        log.info("%s: removing %d files no index uses", store.location, len(stale))
+        store.delete(stale)
+
+
+def _write_quarantine(store: Store, rows: Sequence[tuple[str, str, str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["clip_id", "shard", "source", "reason"])
+    writer.writerows(rows)
+    store.write_bytes(QUARANTINE_NAME, buffer.getvalue().encode())
 
 
 def stage_dataset(
     label_files: Sequence[str | Path],
-    out_dir: str | Path,
-    videos_dir: str | Path | None = None,
+    out: str | Path,
+    videos: str | Path | None = None,
     classes_csv: str | Path | None = None,
     split: str | None = None,
     val_fraction: float = 0.1,
     max_bad_fraction: float = 0.2,
-    workers: int = 1,
     seed: int = 0,
-    progress: bool = True,
+    clips_per_shard: int = DEFAULT_CLIPS_PER_SHARD,
+    map_shards: Callable[[Callable[[ShardSpec], ShardResult], Sequence[ShardSpec]], Iterable[ShardResult]] = map,
 ) -> StagingResult:
-    """Stage a dataset into ``out_dir`` (see the module docstring)."""
-    out = Path(out_dir)
-    classes, multi_label, planned = plan_clips(
-        Path(videos_dir) if videos_dir else None,
-        [Path(f) for f in label_files],
-        Path(classes_csv) if classes_csv else None,
-        split,
-        val_fraction,
-        seed,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _previous_records(out)
-    records: dict[str, ClipRecord] = {}
-    quarantined: list[tuple[str, str, str]] = []
-    counts = {"staged": 0, "reused": 0}
-    bar = tqdm(total=len(planned), desc="staging clips", unit="clip", disable=not progress)
-    for clip, (status, value) in _stage_all(planned, out, previous, workers):
-        if status == "bad":
-            quarantined.append((clip.id, str(clip.sources[0]), str(value)))
-        else:
-            counts[status] += 1
-            records[clip.id] = value
-        bar.update()
-    bar.close()
-    _write_quarantine(out / QUARANTINE_NAME, sorted(quarantined))
-    bad_fraction = len(quarantined) / len(planned)
-    if bad_fraction > max_bad_fraction:
-        raise StagingError(
-            f"{len(quarantined)} of {len(planned)} clips are bad ({bad_fraction:.1%} > max_bad_fraction "
-            f"{max_bad_fraction:.1%}); see {out / QUARANTINE_NAME}"
-        )
-    if not records:
-        raise StagingError(f"no clip could be staged; see {out / QUARANTINE_NAME}")
-    clips = [records[c.id] for c in planned if c.id in records]
-    write_class_labels(out / CLASSES_NAME, classes)
-    sources = ", ".join(str(Path(f).resolve()) for f in label_files)
-    manifest = Manifest(out, classes, multi_label, clips, source=sources)
-    manifest.validate(check_files=True)
-    return StagingResult(manifest.save(out / MANIFEST_NAME), counts["staged"], counts["reused"], sorted(quarantined))
+    """Plan, build every shard with ``map_shards`` (default: one after another, in this
+    process), and finalize. ``flows.staging`` maps the shards over a Ray cluster instead."""
+    plan = plan_staging(label_files, out, videos, classes_csv, split, val_fraction, seed, clips_per_shard)
+    return finalize_staging(plan, list(map_shards(stage_shard, plan.shards)), max_bad_fraction)
 
-
-def _stage_all(planned: Sequence[PlannedClip], out: Path, previous: dict[str, ClipRecord], workers: int):
-    """Yield (clip, result) as clips finish: in worker processes, or in this one for workers=1."""
-    if workers <= 1:
-        for clip in planned:
-            yield clip, stage_one(clip, str(out), previous.get(clip.id))
-        return
-    # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(stage_one, c, str(out), previous.get(c.id)): c for c in planned}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
-
-
-def _previous_records(out: Path) -> dict[str, ClipRecord]:
-    if not (out / MANIFEST_NAME).is_file():
-        return {}
-    try:
-        return {c.id: c for c in load_manifest(out, check_files=False).clips}
-    except FormatError:
-        return {}  # an unreadable old manifest only costs re-decoding
-
-
-def _write_quarantine(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["clip_id", "source", "reason"])
-        writer.writerows(rows)

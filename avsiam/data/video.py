@@ -11,6 +11,7 @@ frames are decoded.
 from __future__ import annotations
 
 import bisect
+import io
 import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
@@ -215,20 +216,30 @@ def resize_and_crop(frame: torch.Tensor, size: int = FRAME_SIZE) -> torch.Tensor
     return TF.center_crop(resized, [size, size]).contiguous()
 
 
-def save_frame(frame: torch.Tensor, path: str | Path) -> None:
-    """Write a uint8 ``[3, H, W]`` frame as a JPEG (quality 95)."""
+def encode_frame(frame: torch.Tensor) -> bytes:
+    """A uint8 ``[3, H, W]`` frame as the bytes of a JPEG (quality 95)."""
     _check_frame(frame)
-    image = Image.fromarray(frame.permute(1, 2, 0).cpu().numpy())
-    image.save(path, format="JPEG", quality=JPEG_QUALITY)
+    buffer = io.BytesIO()
+    Image.fromarray(frame.permute(1, 2, 0).cpu().numpy()).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
 
 
 def load_frame(path: str | Path) -> torch.Tensor:
     """Read an image file as a uint8 ``[3, H, W]`` RGB frame."""
+    return _read_image(path, path)
+
+
+def decode_frame(data: bytes, where: str) -> torch.Tensor:
+    """An encoded image (a staged JPEG) as a uint8 ``[3, H, W]`` RGB frame; errors name ``where``."""
+    return _read_image(io.BytesIO(data), where)
+
+
+def _read_image(source: str | Path | io.BytesIO, where: str | Path) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             rgb = np.array(image.convert("RGB"))
     except (OSError, Image.DecompressionBombError) as error:
-        raise DecodeError(path, f"cannot read the image ({error})") from error
+        raise DecodeError(where, f"cannot read the image ({error})") from error
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 

@@ -12,14 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from avsiam.config import RecipeConfig
 from avsiam.data.datasets import EvalClips
-from avsiam.data.manifest import load_manifest
-from avsiam.eval.predict import embed_clips, predict_probabilities
+from avsiam.data.index import load_index
+from avsiam.eval.predict import embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, write_report
 from avsiam.eval.retrieval import retrieval_recall
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe
@@ -43,24 +42,26 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 def evaluate(recipe: RecipeConfig, weights: str | Path, data: str | Path, output: str | Path, split: str = "test") -> dict[str, Any]:
     env = init_distributed()
     device = torch.device("cpu") if on_cpu() else torch.device("cuda", env.local_rank)
-    manifest = load_manifest(data, check_files=env.is_main)
-    dataset = EvalClips(manifest, split, recipe)
+    index = load_index(data)
+    if env.is_main:
+        index.check_shards()
+    dataset = EvalClips(index, split, recipe)
+    loader = eval_loader(dataset, env, recipe.batch_size_per_gpu, recipe.num_workers)
     output = Path(output)
-    batch = recipe.batch_size_per_gpu
     if recipe.stage == "pretrain":
         model = build_pretrain_model_from_recipe(recipe).to(device)
         load_weights(model, weights)
-        audio, visual = embed_clips(model.encoder, dataset, env, batch_size=batch, device=device)
+        audio, visual = embed_clips(model.encoder, loader, device=device)
         results: dict[str, Any] = {"metric": "retrieval", "split": split, "num_clips": len(dataset), **retrieval_recall(audio, visual)}
         if env.is_main:
             output.mkdir(parents=True, exist_ok=True)
             (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         return results
-    model = build_finetune_model_from_recipe(recipe, manifest.num_classes).to(device)
+    model = build_finetune_model_from_recipe(recipe, index.num_classes).to(device)
     load_weights(model, weights)
-    probabilities = predict_probabilities(model, dataset, env, multi_label=manifest.multi_label, batch_size=batch, device=device)
-    targets = np.stack([dataset.exact_target(i).numpy() for i in range(len(dataset))])
-    results = {"split": split, "model": recipe.model, "recipe": recipe.recipe, **evaluation_results(probabilities, targets, manifest.multi_label)}
+    probabilities = predict_probabilities(model, loader, multi_label=index.multi_label, device=device)
+    targets = dataset.exact_targets()
+    results = {"split": split, "model": recipe.model, "recipe": recipe.recipe, **evaluation_results(probabilities, targets, index.multi_label)}
     if env.is_main:
-        write_report(output, results, probabilities, targets, manifest.classes.mids, manifest.classes.names)
+        write_report(output, results, probabilities, targets, index.classes.mids, index.classes.names)
     return results

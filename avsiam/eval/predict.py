@@ -1,5 +1,9 @@
 """Distributed inference over a split: every rank runs its share in lock-step (required under
-ZeRO-3, where a forward is a collective), results are gathered and de-duplicated by clip."""
+ZeRO-3, where a forward is a collective), results are gathered and de-duplicated by clip.
+
+The split is read by DataLoader workers (:func:`eval_loader`), like training: the main process
+of a rank only runs the model. A loader made with ``persistent=True`` keeps its workers for the
+next validation, so an epoch-end validation does not fork them again."""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from avsiam.model.finetune import frame_averaged_probabilities
 from avsiam.train.distributed import DistEnv, gather_objects
 
 
-def _loader(dataset: EvalClips, env: DistEnv, batch_size: int, num_workers: int) -> DataLoader:
+def eval_loader(dataset: EvalClips, env: DistEnv, batch_size: int, num_workers: int, persistent: bool = False) -> DataLoader:
+    """This rank's share of ``dataset``, in order, read by ``num_workers`` workers."""
     # Padded (equal shares, so no rank runs an extra forward), not shuffled; duplicates from
     # the padding are dropped after gathering.
     sampler = DistributedClipSampler(len(dataset), world_size=env.world_size, rank=env.rank, shuffle=False, pad=True)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      persistent_workers=persistent and num_workers > 0)
 
 
 def _gather_rows(indices: list[np.ndarray], rows: dict[str, list[np.ndarray]], size: int) -> dict[str, np.ndarray]:
@@ -37,35 +43,26 @@ def _gather_rows(indices: list[np.ndarray], rows: dict[str, list[np.ndarray]], s
 
 
 @torch.no_grad()
-def _run(
-    dataset: EvalClips,
-    env: DistEnv,
-    batch_size: int,
-    num_workers: int,
-    step: Callable[[dict], dict[str, torch.Tensor]],
-) -> dict[str, np.ndarray]:
+def _run(loader: DataLoader, step: Callable[[dict], dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
     indices: list[np.ndarray] = []
     rows: dict[str, list[np.ndarray]] = {}
-    for batch in _loader(dataset, env, batch_size, num_workers):
+    for batch in loader:
         indices.append(batch["index"].numpy())
         for name, value in step(batch).items():
             rows.setdefault(name, []).append(value.float().cpu().numpy())
-    return _gather_rows(indices, rows, len(dataset))
+    return _gather_rows(indices, rows, len(loader.dataset))
 
 
 def predict_probabilities(
     model: nn.Module,
-    dataset: EvalClips,
-    env: DistEnv,
+    loader: DataLoader,
     *,
     multi_label: bool,
-    batch_size: int = 8,
-    num_workers: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, np.ndarray]:
-    """{head: class probabilities [N, C]} of a finetuning model over ``dataset`` (all 10 frames
-    of each clip fused with its audio; probabilities averaged over frames)."""
+    """{head: class probabilities [N, C]} of a finetuning model over the loader's dataset (all
+    10 frames of each clip fused with its audio; probabilities averaged over frames)."""
     was_training = model.training
     model.eval()
 
@@ -74,19 +71,16 @@ def predict_probabilities(
         return {head: frame_averaged_probabilities(x.float(), multi_label) for head, x in logits.items()}
 
     try:
-        return _run(dataset, env, batch_size, num_workers, step)
+        return _run(loader, step)
     finally:
         model.train(was_training)
 
 
 def embed_clips(
     encoder: nn.Module,
-    dataset: EvalClips,
-    env: DistEnv,
+    loader: DataLoader,
     *,
     frame_index: int | None = None,
-    batch_size: int = 8,
-    num_workers: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +98,7 @@ def embed_clips(
         }
 
     try:
-        out = _run(dataset, env, batch_size, num_workers, step)
+        out = _run(loader, step)
     finally:
         encoder.train(was_training)
     return out["audio"], out["visual"]

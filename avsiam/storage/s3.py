@@ -249,6 +249,73 @@ def upload_file(path: str | Path, uri: str, *, multipart_threshold: int = DEFAUL
         raise StorageError(f"uploading {path}: {_explain(exc, uri, _endpoint_name(client))}") from None
 
 
+def read_object(uri: str) -> bytes:
+    """The content of a small object (an index, a shard record), checked against its digest.
+
+    Raises :class:`NoSuchObjectError` when the object does not exist.
+    """
+    bucket, key = _object_location(uri)
+    client = s3_client()
+    try:
+        response = client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        data = response["Body"].read()
+    except Exception as exc:  # every failure becomes one message naming the URI and the endpoint
+        error = NoSuchObjectError if _error_code(exc) in _MISSING else StorageError
+        raise error(_explain(exc, uri, _endpoint_name(client))) from None
+    expected = _expected_digest(response)
+    if expected is not None:
+        algorithm, digest = expected
+        actual = f"{zlib.crc32(data):08x}" if algorithm == "crc32" else hashlib.new(algorithm, data, usedforsecurity=False).hexdigest()
+        if actual != digest:
+            raise ChecksumMismatchError(f"{uri}: downloaded bytes differ from the object: {algorithm} {actual} != {digest}")
+    return data
+
+
+def object_size(uri: str) -> int | None:
+    """The size of the object ``uri`` (one HEAD), or None when it does not exist."""
+    bucket, key = _object_location(uri)
+    client = s3_client()
+    try:
+        return client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    except Exception as exc:  # every failure becomes one message naming the URI and the endpoint
+        if _error_code(exc) in _MISSING:
+            return None
+        raise StorageError(_explain(exc, uri, _endpoint_name(client))) from None
+
+
+def write_object(uri: str, data: bytes) -> None:
+    """Store ``data`` as the object ``uri`` in one PUT, recording its sha256."""
+    bucket, key = _object_location(uri)
+    client = s3_client()
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: hashlib.sha256(data).hexdigest()})
+    except Exception as exc:  # every failure becomes one message naming the URI and the endpoint
+        raise StorageError(f"writing {_explain(exc, uri, _endpoint_name(client))}") from None
+
+
+def delete_objects(uris: Sequence[str]) -> None:
+    """Delete the objects ``uris`` (of one bucket), 1,000 per request; absent ones are no error."""
+    if not uris:
+        return
+    locations = [_object_location(uri) for uri in uris]
+    buckets = {bucket for bucket, _ in locations}
+    if len(buckets) != 1:
+        raise ValueError(f"delete_objects takes objects of one bucket, got {sorted(buckets)}")
+    bucket = buckets.pop()
+    client = s3_client()
+    keys = [key for _, key in locations]
+    for start in range(0, len(keys), 1000):
+        batch = keys[start : start + 1000]
+        try:
+            response = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        except Exception as exc:  # every failure becomes one message naming the URI and the endpoint
+            raise StorageError(f"deleting {_explain(exc, f's3://{bucket}/{batch[0]}', _endpoint_name(client))}") from None
+        if response.get("Errors"):
+            first = response["Errors"][0]
+            raise StorageError(f"s3://{bucket}: {len(response['Errors'])} objects could not be deleted, e.g. "
+                               f"{first.get('Key')}: {first.get('Code')}")
+
+
 def sync_tree_to_s3(
     local_dir: str | Path,
     uri: str,

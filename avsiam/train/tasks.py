@@ -10,12 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from avsiam.config import ConfigError, RecipeConfig
 from avsiam.data.datasets import EvalClips, FinetuneClips, PretrainClips, StagedClips
-from avsiam.data.manifest import Manifest
+from avsiam.data.index import DatasetIndex
 from avsiam.data.sampler import class_balanced_weights, mix_seed
-from avsiam.eval.predict import embed_clips, predict_probabilities
+from avsiam.eval.predict import embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, metric_name
 from avsiam.eval.retrieval import retrieval_recall
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
@@ -47,15 +48,19 @@ class Task:
 
     dataset_class: type[StagedClips]
 
-    def __init__(self, recipe: RecipeConfig, manifest: Manifest) -> None:
-        self.recipe, self.manifest = recipe, manifest
+    def __init__(self, recipe: RecipeConfig, index: DatasetIndex) -> None:
+        self.recipe, self.index = recipe, index
 
     def train_dataset(self) -> StagedClips:
-        return self.dataset_class(self.manifest, "train", self.recipe)
+        return self.dataset_class(self.index, "train", self.recipe)
 
-    def val_dataset(self) -> EvalClips | None:
-        """The held-out split used for model selection (never the test split)."""
-        return EvalClips(self.manifest, "val", self.recipe) if self.manifest.split("val") else None
+    def val_loader(self, env: DistEnv) -> DataLoader | None:
+        """The held-out split used for model selection (never the test split), read by the
+        recipe's DataLoader workers, which persist across epochs."""
+        if not self.index.split_counts()["val"]:
+            return None
+        dataset = EvalClips(self.index, "val", self.recipe)
+        return eval_loader(dataset, env, self.recipe.batch_size_per_gpu, self.recipe.num_workers, persistent=True)
 
     def sampler_weights(self, dataset: StagedClips) -> np.ndarray | None:
         return None
@@ -92,10 +97,9 @@ class PretrainTask(Task):
         extras = {k: float(v) for k, v in out.items() if k != "loss"}
         return out["loss"], extras
 
-    def validate(self, model: nn.Module, dataset: EvalClips, env: DistEnv, ctx: StepContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict[str, float]:
         """Audio-visual retrieval recall@k on held-out clips: did pretraining learn anything?"""
-        audio, visual = embed_clips(model.encoder, dataset, env, batch_size=self.recipe.batch_size_per_gpu,
-                                    device=ctx.device, dtype=ctx.dtype)
+        audio, visual = embed_clips(model.encoder, loader, device=ctx.device, dtype=ctx.dtype)
         return retrieval_recall(audio, visual)
 
     selection_metric = "a2v_R1"
@@ -105,7 +109,7 @@ class FinetuneTask(Task):
     dataset_class = FinetuneClips
 
     def build_model(self, init_weights: str | None) -> nn.Module:
-        model = build_finetune_model_from_recipe(self.recipe, self.manifest.num_classes)
+        model = build_finetune_model_from_recipe(self.recipe, self.index.num_classes)
         if init_weights:
             self.load_report = load_pretrained(model, init_weights)
         return model
@@ -113,7 +117,7 @@ class FinetuneTask(Task):
     def sampler_weights(self, dataset: StagedClips) -> np.ndarray | None:
         if not self.recipe.class_balanced_sampling:
             return None
-        return class_balanced_weights(dataset.label_indices, self.manifest.num_classes)
+        return class_balanced_weights(*dataset.label_csr(), self.index.num_classes)
 
     def step_loss(self, engine, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
         head = draw_training_head(self.recipe.finetune_mode, ctx.shared)
@@ -127,27 +131,25 @@ class FinetuneTask(Task):
             loss = -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
         return loss, {"head": head}
 
-    def validate(self, model: nn.Module, dataset: EvalClips, env: DistEnv, ctx: StepContext) -> dict[str, float]:
-        multi_label = self.manifest.multi_label
-        probs = predict_probabilities(model, dataset, env, multi_label=multi_label,
-                                      batch_size=self.recipe.batch_size_per_gpu, device=ctx.device, dtype=ctx.dtype)
-        targets = np.stack([dataset.exact_target(i).numpy() for i in range(len(dataset))])
-        results = evaluation_results(probs, targets, multi_label)
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict[str, float]:
+        multi_label = self.index.multi_label
+        probs = predict_probabilities(model, loader, multi_label=multi_label, device=ctx.device, dtype=ctx.dtype)
+        results = evaluation_results(probs, loader.dataset.exact_targets(), multi_label)
         return {k: v for k, v in results.items() if isinstance(v, float)}
 
     @property
     def selection_metric(self) -> str:
-        return metric_name(self.manifest.multi_label)
+        return metric_name(self.index.multi_label)
 
 
-def make_task(recipe: RecipeConfig, manifest: Manifest) -> Task:
-    if recipe.stage == "finetune" and manifest.multi_label != (recipe.loss == "bce"):
-        kind = "multi-label" if manifest.multi_label else "single-label"
+def make_task(recipe: RecipeConfig, index: DatasetIndex) -> Task:
+    if recipe.stage == "finetune" and index.multi_label != (recipe.loss == "bce"):
+        kind = "multi-label" if index.multi_label else "single-label"
         raise ConfigError(
-            f"{manifest.root}: a {kind} dataset does not fit recipe {recipe.recipe!r} (loss {recipe.loss}); "
+            f"{index.location}: a {kind} dataset does not fit recipe {recipe.recipe!r} (loss {recipe.loss}); "
             "use an AudioSet recipe (bce) for multi-label data and finetune_vggsound (ce) for single-label data"
         )
-    return (PretrainTask if recipe.stage == "pretrain" else FinetuneTask)(recipe, manifest)
+    return (PretrainTask if recipe.stage == "pretrain" else FinetuneTask)(recipe, index)
 
 
 def step_context(seed: int, env: DistEnv, global_step: int, micro_step: int, device, dtype) -> StepContext:

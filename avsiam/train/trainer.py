@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from avsiam import __version__
 from avsiam.config import ConfigError, RecipeConfig, lr_at_epoch
-from avsiam.data.manifest import load_manifest
+from avsiam.data.index import load_index
 from avsiam.data.sampler import DistributedClipSampler, mix_seed
 from avsiam.tracking import flatten_params, make_tracker
 from avsiam.train import checkpointing
@@ -87,8 +87,10 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
         write_config(recipe, output)
     barrier()
     checkpoint_dir = output / "checkpoints"
-    manifest = load_manifest(data, check_files=env.is_main)
-    task = make_task(recipe, manifest)
+    index = load_index(data)
+    if env.is_main:
+        index.check_shards()  # O(shards), before the other ranks wait in deepspeed.initialize
+    task = make_task(recipe, index)
 
     torch.manual_seed(mix_seed(recipe.seed, 0))  # identical initial weights on every rank
     model = task.build_model(init_weights)
@@ -103,7 +105,7 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
         log.info("resuming from %s/%s at epoch %s step %s", checkpoint_dir, resume_tag, state.get("epoch"), state.get("global_step"))
 
     dataset = task.train_dataset()
-    val_dataset = task.val_dataset()
+    val_loader = task.val_loader(env)
     sampler = DistributedClipSampler(
         len(dataset), world_size=env.world_size, rank=env.rank, seed=recipe.seed, weights=task.sampler_weights(dataset)
     )
@@ -111,7 +113,7 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
     steps_per_epoch = sampler.samples_per_rank // per_step
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"{manifest.root}: the train split ({len(dataset)} clips over {env.world_size} ranks) is smaller than one "
+            f"{index.location}: the train split ({len(dataset)} clips over {env.world_size} ranks) is smaller than one "
             f"optimizer step ({per_step} clips per rank); lower batch_size_per_gpu"
         )
     total_steps = recipe.epochs * steps_per_epoch if recipe.max_steps is None else min(recipe.max_steps, recipe.epochs * steps_per_epoch)
@@ -119,10 +121,10 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
     tracker = make_tracker(
         env.rank, output, run_id=state.get("tracking_run_id"), run_name=f"{recipe.stage}-{recipe.model}-{recipe.recipe}",
         tags={"avsiam.stage": recipe.stage, "avsiam.recipe": recipe.recipe, "avsiam.model": recipe.model,
-              "avsiam.version": __version__, "avsiam.dataset_digest": manifest.dataset_digest},
+              "avsiam.version": __version__, "avsiam.dataset_digest": index.dataset_digest},
     )
     tracker.log_params({**flatten_params(recipe.model_dump(mode="json")), "world_size": env.world_size,
-                        "steps_per_epoch": steps_per_epoch, "dataset_digest": manifest.dataset_digest})
+                        "steps_per_epoch": steps_per_epoch, "dataset_digest": index.dataset_digest})
 
     epoch = int(state.get("epoch", 1))
     step_in_epoch = int(state.get("step_in_epoch", 0))
@@ -147,12 +149,14 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
         checkpointing.prune(checkpoint_dir, recipe.keep_checkpoints, _protected(history, task.selection_metric), env)
         return tag
 
+    # One loader for the whole run: its workers persist across epochs (the sampler runs in this
+    # process, so set_epoch before each iter() still decides every epoch's order).
+    loader = DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, sampler=sampler, num_workers=recipe.num_workers,
+                        drop_last=True, pin_memory=not cpu, persistent_workers=recipe.num_workers > 0)
     engine.train()
     while epoch <= recipe.epochs and global_step < total_steps:
         epoch_lr = lr_at_epoch(recipe, epoch)
         sampler.set_epoch(epoch, start=step_in_epoch * per_step)
-        loader = DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, sampler=sampler,
-                            num_workers=recipe.num_workers, drop_last=True, pin_memory=not cpu)
         batches = iter(loader)
         timer = StepTimer()
         while step_in_epoch < steps_per_epoch and global_step < total_steps:
@@ -189,14 +193,14 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
             save(epoch, step_in_epoch)
             break
         summary = {"epoch": epoch, "global_step": global_step, "tag": checkpointing.step_tag(global_step)}
-        if val_dataset is not None:
-            summary.update(task.validate(engine.module, val_dataset, env, step_context(recipe.seed, env, global_step, 0, device, dtype)))
+        if val_loader is not None:
+            summary.update(task.validate(engine.module, val_loader, step_context(recipe.seed, env, global_step, 0, device, dtype)))
             tracker.log_metrics({f"val_{k}": v for k, v in summary.items() if isinstance(v, float)}, step=global_step)
         history.append(summary)
         epoch, step_in_epoch = epoch + 1, 0
         save(epoch, 0)
 
-    return _finish(recipe, task, env, engine, tracker, output, checkpoint_dir, history, global_step, elapsed(), manifest)
+    return _finish(recipe, task, env, engine, tracker, output, checkpoint_dir, history, global_step, elapsed(), index)
 
 
 def _protected(history: list[dict[str, Any]], metric: str) -> set[str]:
@@ -210,7 +214,7 @@ def _best_epoch(history: list[dict[str, Any]], metric: str) -> dict[str, Any] | 
 
 
 def _finish(recipe, task, env: DistEnv, engine, tracker, output: Path, checkpoint_dir: Path, history, global_step: int,
-            elapsed_seconds: float, manifest) -> dict[str, Any]:
+            elapsed_seconds: float, index) -> dict[str, Any]:
     """Consolidate the selected checkpoint, write the summary, close the tracking run."""
     barrier()
     best = _best_epoch(history, task.selection_metric) if recipe.stage == "finetune" else None
@@ -223,7 +227,7 @@ def _finish(recipe, task, env: DistEnv, engine, tracker, output: Path, checkpoin
         "selected_epoch": best["epoch"] if best else (history[-1]["epoch"] if history else None),
         "selection_metric": f"val_{task.selection_metric}" if best else None,
         "gpu_hours": gpu_hours, "wall_seconds": elapsed_seconds, "world_size": env.world_size,
-        "dataset_digest": manifest.dataset_digest, "tracking_run_id": tracker.run_id, "history": history,
+        "dataset_digest": index.dataset_digest, "tracking_run_id": tracker.run_id, "history": history,
     }
     if env.is_main:
         checkpointing.consolidate(checkpoint_dir, tag, weights, recipe.zero_stage)
