@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 VENV_BIN = str(Path(sys.executable).parent)
 
-HUGE_PRETRAIN = ["train", "pretrain", "--model", "huge", "--data", "/data/as2m/manifest.json", "--output", "/runs/huge"]
+HUGE_PRETRAIN = ["train", "pretrain", "--model", "huge", "--data", "/data/as2m", "--output", "/runs/huge"]
 HUGE_FINETUNE = ["train", "finetune", "--model", "huge", "--recipe", "finetune_as2m", "--init", "/runs/huge/weights.safetensors",
-                 "--data", "/data/as2m/manifest.json", "--output", "/runs/huge-ft-as2m"]
+                 "--data", "/data/as2m", "--output", "/runs/huge-ft-as2m"]
 SITE_ENV = {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "NCCL_DEBUG": "WARN"}
 V100_PARTITION = dict(partition="v100", account="avsiam", time_limit="72:00:00", env_file="/shared/avsiam/site.env",
                       cpus_per_task=40)
@@ -555,3 +555,17 @@ def test_prefect_kubernetes_base_job_template_and_manifests_parse():
     assert set(template["variables"]["properties"]) >= {"image", "namespace", "service_account_name", "env"}
     for path in (ROOT / "infra" / "k8s").glob("*.yaml"):
         assert all(doc.get("kind") for doc in yaml.safe_load_all(path.read_text()) if doc), path
+
+
+def test_ray_staging_cluster_definitions_are_coherent():
+    """The KubeRay RayCluster and the Slurm Ray job of infra/ (no cluster here: their shape)."""
+    cluster = yaml.safe_load((ROOT / "infra/k8s/raycluster-staging.yaml").read_text())
+    assert cluster["kind"] == "RayCluster" and cluster["spec"]["authOptions"]["mode"] == "token"
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    assert all(w["image"] == head["image"] for w in workers)  # shard tasks import the flow's avsiam
+    assert {"containerPort": 10001, "name": "client"} in head["ports"]  # the ray:// address the flow uses
+    sbatch = ROOT / "infra/slurm/ray-staging.sbatch"
+    assert subprocess.run(["bash", "-n", str(sbatch)], capture_output=True).returncode == 0
+    text = sbatch.read_text()
+    assert "ray start --head" in text and "avsiam stage --address" in text

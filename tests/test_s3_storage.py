@@ -17,7 +17,6 @@ from avsiam.storage.s3 import (
     StorageError,
     check_access,
     download_object,
-    download_tree,
     fingerprint,
     list_objects,
     parse_s3_uri,
@@ -86,46 +85,31 @@ def test_client_takes_the_endpoint_from_the_environment_and_goes_path_style(s3_e
     assert "amazonaws.com" in s3_client().meta.endpoint_url and not (s3_client().meta.config.s3 or {}).get("addressing_style")
 
 
-def test_download_tree_verifies_and_resumes(bucket, tmp_path):
-    files = {"a.bin": os.urandom(3000), "sub/b.bin": b"b" * 10, "sub/deeper/c.txt": b"hello"}
+def test_download_object_verifies_and_resumes(bucket, tmp_path):
+    files = {"a.bin": os.urandom(3000), "sub/b.bin": b"b" * 10}
     for rel, data in files.items():
         bucket.put_object(Bucket=BUCKET, Key=f"ds/{rel}", Body=data)
-    bucket.put_object(Bucket=BUCKET, Key="ds/empty-folder/", Body=b"")  # a folder marker
-    bucket.put_object(Bucket=BUCKET, Key="ds2/not-under-ds.bin", Body=b"x")
     dest = tmp_path / "dest"
 
-    report = download_tree(f"s3://{BUCKET}/ds", dest, workers=2, progress=False)
-    assert (report.downloaded, report.skipped, report.unverified, report.failed) == (3, 0, 0, {})
-    assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
-
-    again = download_tree(f"s3://{BUCKET}/ds/", dest, workers=2, progress=False)
-    assert (again.downloaded, again.skipped) == (0, 3)
+    assert all(download_object(f"s3://{BUCKET}/ds/{rel}", dest / rel) for rel in files)
+    assert {rel: (dest / rel).read_bytes() for rel in files} == files
+    assert not any(download_object(f"s3://{BUCKET}/ds/{rel}", dest / rel) for rel in files)  # present: no transfer
 
     (dest / "a.bin").write_bytes(files["a.bin"][:1000])  # truncated by a killed copy
     (dest / "sub/b.bin").write_bytes(b"B" * 10)  # same size, other bytes: only the digest tells
-    repaired = download_tree(f"s3://{BUCKET}/ds", dest, workers=2, progress=False)
-    assert (repaired.downloaded, repaired.skipped) == (2, 1)
-    assert (dest / "a.bin").read_bytes() == files["a.bin"] and (dest / "sub/b.bin").read_bytes() == files["sub/b.bin"]
+    assert all(download_object(f"s3://{BUCKET}/ds/{rel}", dest / rel) for rel in files)
+    assert {rel: (dest / rel).read_bytes() for rel in files} == files
     assert not _leftover_partials(dest)
 
 
-def test_download_tree_include_filters_relative_keys(bucket, tmp_path):
-    for key in ("ds/videos/x_000001.mp4", "ds/videos/y_000002.mp4", "ds/readme.txt"):
-        bucket.put_object(Bucket=BUCKET, Key=key, Body=b"data")
-    report = download_tree(f"s3://{BUCKET}/ds", tmp_path, include=lambda rel: rel == "videos/y_000002.mp4", progress=False)
-    assert report.downloaded == 1 and [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["y_000002.mp4"]
-
-
-def test_checksum_mismatch_is_reported_and_nothing_lands(bucket, tmp_path):
+def test_checksum_mismatch_is_an_error_and_nothing_lands(bucket, tmp_path):
     bucket.put_object(Bucket=BUCKET, Key="ds/bad.bin", Body=b"payload", Metadata={"sha256": "0" * 64})
-    bucket.put_object(Bucket=BUCKET, Key="ds/good.bin", Body=b"fine")
-    report = download_tree(f"s3://{BUCKET}/ds", tmp_path, retries=0, progress=False)
-    assert report.downloaded == 1 and list(report.failed) == ["ds/bad.bin"]
-    assert "ChecksumMismatchError" in report.failed["ds/bad.bin"] and "sha256" in report.failed["ds/bad.bin"]
+    with pytest.raises(StorageError, match="ChecksumMismatchError.*sha256"):
+        download_object(f"s3://{BUCKET}/ds/bad.bin", tmp_path / "bad.bin", retries=0)
     assert not (tmp_path / "bad.bin").exists() and not _leftover_partials(tmp_path)
 
 
-def test_each_digest_kind_is_checked_and_size_only_is_counted(bucket, tmp_path):
+def test_each_digest_kind_is_checked_and_size_only_is_reported(bucket, tmp_path, caplog):
     content = b"a" * 1000 + b"b" * 500
     bucket.put_object(Bucket=BUCKET, Key="ds/md5.bin", Body=content)  # single part: ETag = MD5
     crc = bucket.create_multipart_upload(Bucket=BUCKET, Key="ds/crc.bin", ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
@@ -134,12 +118,14 @@ def test_each_digest_kind_is_checked_and_size_only_is_counted(bucket, tmp_path):
     bucket.complete_multipart_upload(Bucket=BUCKET, Key="ds/crc.bin", UploadId=crc["UploadId"], MultipartUpload={"Parts": [
         {"PartNumber": n, "ETag": p["ETag"], "ChecksumCRC32": p["ChecksumCRC32"]} for n, p in enumerate(parts, start=1)]})
     _multipart_without_digest("ds/size-only.bin", [content[:1000], content[1000:]])
-    for name in ("md5.bin", "crc.bin"):  # same size, other bytes: skipped only if no digest is checked
+    for name in ("md5.bin", "crc.bin"):  # same size, other bytes: replaced only because a digest is checked
         (tmp_path / name).write_bytes(b"x" * len(content))
 
-    report = download_tree(f"s3://{BUCKET}/ds", tmp_path, progress=False)
-    assert (report.downloaded, report.skipped, report.unverified, report.failed) == (3, 0, 1, {})
+    with caplog.at_level("WARNING", logger="avsiam.storage.s3"):
+        assert all(download_object(f"s3://{BUCKET}/ds/{name}", tmp_path / name) for name in ("md5.bin", "crc.bin", "size-only.bin"))
     assert all((tmp_path / name).read_bytes() == content for name in ("md5.bin", "crc.bin", "size-only.bin"))
+    assert [r.getMessage() for r in caplog.records] == [f"s3://{BUCKET}/ds/size-only.bin carries no digest (multipart, no "
+                                                        "checksum): checked by its size only"]
 
 
 def test_a_transient_failure_is_retried(bucket, tmp_path, monkeypatch):
@@ -153,8 +139,8 @@ def test_a_transient_failure_is_retried(bucket, tmp_path, monkeypatch):
 
     _recording_client(monkeypatch, "before-call.s3.GetObject", fail_first_get)
     monkeypatch.setattr(s3, "RETRY_BACKOFF_S", 0.01)
-    report = download_tree(f"s3://{BUCKET}/ds", tmp_path, retries=1, progress=False)
-    assert failures == ["GetObject"] and report.downloaded == 1 and (tmp_path / "a.bin").read_bytes() == b"abc"
+    assert download_object(f"s3://{BUCKET}/ds/a.bin", tmp_path / "a.bin", retries=1)
+    assert failures == ["GetObject"] and (tmp_path / "a.bin").read_bytes() == b"abc"
 
 
 def test_download_object_names_a_missing_object(bucket, tmp_path):
@@ -170,8 +156,8 @@ def test_multipart_upload_round_trips_and_is_recognised_unchanged(bucket, tmp_pa
     head = bucket.head_object(Bucket=BUCKET, Key="ckpt/shard.pt")
     assert head["ETag"].strip('"').endswith("-2") and head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
 
-    report = download_tree(f"s3://{BUCKET}/ckpt", tmp_path / "down", progress=False)
-    assert (report.downloaded, report.unverified) == (1, 0) and (tmp_path / "down" / "shard.pt").read_bytes() == data
+    assert download_object(f"s3://{BUCKET}/ckpt/shard.pt", tmp_path / "down" / "shard.pt")
+    assert (tmp_path / "down" / "shard.pt").read_bytes() == data
     synced = sync_tree_to_s3(tmp_path / "up", f"s3://{BUCKET}/ckpt", multipart_threshold=MiB, progress=False)
     assert (synced.uploaded, synced.unchanged) == (0, 1)
 

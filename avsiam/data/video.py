@@ -59,7 +59,11 @@ def extract_frames(
             if not container.streams.video:
                 raise DecodeError(path, "no video stream")
             stream = container.streams.video[0]
+            # As many decoder threads as this process's compute budget: all cores in a plain
+            # process, one in a Ray task of one CPU (Ray sets OMP_NUM_THREADS), where FFmpeg's
+            # default of one thread per core would make parallel shard tasks fight for cores.
             stream.thread_type = "AUTO"
+            stream.thread_count = torch.get_num_threads()
             targets = _target_pts(path, container, stream, num_frames, span_seconds)
             if method == "seek":
                 frames = _frames_by_seeking(path, container, stream, targets)

@@ -16,8 +16,8 @@ its final local name.
 3. A full-object ``ChecksumSHA256`` or ``ChecksumCRC32``, as recent AWS SDKs and CLIs attach.
    A multipart object's checksum counts only when S3 says ``ChecksumType: FULL_OBJECT``: a
    composite checksum hashes the part checksums, not the content.
-4. Otherwise only the size, e.g. a multipart upload by an older tool. Such objects are
-   counted in ``DownloadReport.unverified``.
+4. Otherwise only the size, e.g. a multipart upload by an older tool. Such a download logs a
+   warning naming the object.
 
 Resume: a local file that already has the object's size and digest is skipped; checking it
 costs a local hash and no transfer. Downloads go to ``<name>.partial`` and are renamed only
@@ -46,7 +46,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -99,18 +99,6 @@ class ObjectInfo:
     key: str
     size: int
     etag: str  # without the quotes S3 puts around it
-
-
-@dataclass
-class DownloadReport:
-    downloaded: int = 0
-    skipped: int = 0  # already present locally with the object's size and digest
-    unverified: int = 0  # of downloaded + skipped: checked by size only (no digest available)
-    failed: dict[str, str] = field(default_factory=dict)  # key -> reason
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 @dataclass
@@ -179,46 +167,6 @@ def list_objects(uri: str) -> list[ObjectInfo]:
     return _list(s3_client(), uri)
 
 
-def download_tree(
-    uri: str,
-    dest_dir: str | Path,
-    *,
-    include: Callable[[str], bool] | None = None,
-    workers: int = 8,
-    retries: int = 3,
-    progress: bool = True,
-) -> DownloadReport:
-    """Download the objects under ``uri`` to the same relative paths under ``dest_dir``.
-
-    Only keys whose path relative to ``uri`` passes ``include`` are downloaded. ``workers``
-    objects transfer at a time, and each is retried up to ``retries`` times. Verification
-    and resume are described in the module docstring. A failed object is recorded in the
-    report and the others continue; a failed listing raises :class:`StorageError`.
-    """
-    bucket, prefix = parse_s3_uri(uri)
-    client = s3_client()
-    folder = _folder(prefix)
-    objects = [
-        o for o in _list(client, uri) if _is_file_key(o.key, folder) and (include is None or include(o.key[len(folder) :]))
-    ]
-    bar = _ByteProgress(sum(o.size for o in objects), uri, progress)
-    fetch = partial(_fetch_into, client, bucket, folder, Path(dest_dir), retries, bar)
-    try:
-        outcomes, failures = _run_parallel(fetch, objects, workers)
-    finally:
-        bar.close()
-    report = DownloadReport(
-        downloaded=sum(status == "downloaded" for status, _ in outcomes.values()),
-        skipped=sum(status == "skipped" for status, _ in outcomes.values()),
-        unverified=sum(not verified for _, verified in outcomes.values()),
-        failed={obj.key: reason for obj, reason in failures.items()},
-    )
-    log.info("%s: %d downloaded, %d already present, %d failed", uri, report.downloaded, report.skipped, len(report.failed))
-    if report.unverified:
-        log.warning("%s: %d objects carry no digest (multipart, no checksum); size checked only", uri, report.unverified)
-    return report
-
-
 def download_object(uri: str, path: str | Path, *, retries: int = 3) -> bool:
     """Download the object ``uri`` to ``path``, verified and atomic. Returns False when
     ``path`` already held the object, so nothing was transferred.
@@ -229,10 +177,12 @@ def download_object(uri: str, path: str | Path, *, retries: int = 3) -> bool:
     client = s3_client()
     bar = _ByteProgress(0, uri, enabled=False)
     try:
-        status, _ = _fetch_with_retries(client, bucket, key, Path(path), retries, bar)
+        status, verified = _fetch_with_retries(client, bucket, key, Path(path), retries, bar)
     except Exception as exc:  # every failure becomes one message naming the URI and the endpoint
         error = NoSuchObjectError if _error_code(exc) in _MISSING else StorageError
         raise error(_explain(exc, uri, _endpoint_name(client))) from None
+    if not verified:
+        log.warning("%s carries no digest (multipart, no checksum): checked by its size only", uri)
     return status == "downloaded"
 
 
@@ -397,19 +347,6 @@ def _object_location(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _is_file_key(key: str, folder: str) -> bool:
-    """False for the zero-byte ``name/`` markers some tools create for folders."""
-    return len(key) > len(folder) and not key.endswith("/")
-
-
-def _local_path(dest_dir: Path, rel: str) -> Path:
-    """``dest_dir/rel``; a key that would land outside ``dest_dir`` (``..``, ``//``) is refused."""
-    parts = rel.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"key {rel!r} (below the prefix) would land outside the destination folder")
-    return dest_dir.joinpath(*parts)
-
-
 def _list(client, uri: str) -> list[ObjectInfo]:
     bucket, prefix = parse_s3_uri(uri)
     try:
@@ -528,12 +465,6 @@ def _upload_config(multipart_threshold: int) -> TransferConfig:
         multipart_chunksize=multipart_threshold,
         max_concurrency=_TRANSFER_CONCURRENCY,
     )
-
-
-def _fetch_into(
-    client, bucket: str, folder: str, dest_dir: Path, retries: int, bar: _ByteProgress, obj: ObjectInfo
-) -> tuple[str, bool]:
-    return _fetch_with_retries(client, bucket, obj.key, _local_path(dest_dir, obj.key[len(folder) :]), retries, bar)
 
 
 def _fetch_with_retries(client, bucket: str, key: str, path: Path, retries: int, bar: _ByteProgress) -> tuple[str, bool]:

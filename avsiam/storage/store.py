@@ -74,11 +74,7 @@ class Store:
         raise NotImplementedError
 
     def exists(self, rel: str) -> bool:
-        try:
-            self.read_bytes(rel)
-        except MissingFileError:
-            return False
-        return True
+        return self.size(rel) is not None
 
 
 class LocalStore(Store):
