@@ -98,3 +98,38 @@ def test_an_empty_split_is_an_error_naming_the_split(synthetic_single, tmp_path)
                                split="train", val_fraction=0, clips_per_shard=40).index
     with pytest.raises(ValueError, match="split 'test' has no clips"):
         EvalClips(only_train, "test", resolve_recipe("tiny", "finetune_vggsound"))
+
+
+def test_persistent_loader_workers_follow_the_sampler_across_epochs_and_resumption(manifest):
+    """The trainer keeps one DataLoader for the whole run: after an epoch cut short (max_steps)
+    and a mid-epoch start (resumption), its persistent workers give exactly what fresh loaders give."""
+    from torch.utils.data import DataLoader
+
+    from avsiam.data.sampler import DistributedClipSampler
+
+    ds = PretrainClips(manifest, "train", resolve_recipe("tiny", "pretrain_as2m"))
+
+    def batches(loader, count=None):
+        out = []
+        for batch in loader:
+            out.append((batch["index"].tolist(), batch["audio"]))
+            if count is not None and len(out) == count:
+                break
+        return out
+
+    def fresh(epoch, start=0):
+        sampler = DistributedClipSampler(len(ds), seed=3)
+        sampler.set_epoch(epoch, start=start)
+        return batches(DataLoader(ds, batch_size=4, sampler=sampler, num_workers=0, drop_last=True))
+
+    sampler = DistributedClipSampler(len(ds), seed=3)
+    persistent = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, drop_last=True, persistent_workers=True)
+    sampler.set_epoch(1)
+    first = batches(persistent, count=2)  # stopped inside the epoch, with batches still prefetched
+    sampler.set_epoch(2, start=8)
+    resumed = batches(persistent)
+    sampler.set_epoch(3)
+    third = batches(persistent)
+    for got, expected in ((first, fresh(1)[:2]), (resumed, fresh(2, start=8)), (third, fresh(3))):
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))

@@ -1,8 +1,9 @@
 """The production-like setup, no mocks: on loopback, a Prefect server on PostgreSQL, a Moto S3
 server, an MLflow server (PostgreSQL backend store, artifacts proxied to S3 on Moto) and a
 Prefect process worker. The flow is deployed with `prefect deploy` and run with
-`prefect deployment run avsiam/full --watch`; runs, params, metrics and S3 objects are then
-checked through MLflow and boto3. A second scenario kills the training processes in the
+`prefect deployment run avsiam/full --watch`, staging on a local Ray cluster into S3 and
+training from those shards; runs, params, metrics and S3 objects are then checked through
+MLflow and boto3. A second scenario kills the training processes in the
 middle of finetuning and shows that running the deployment again skips staging and
 pretraining and continues finetuning from its checkpoint, in the same MLflow run."""
 
@@ -27,6 +28,7 @@ BIN = Path(sys.executable).parent
 PG = "postgresql://postgres@127.0.0.1:5432"
 FAST = ["batch_size_per_gpu=4", "num_workers=0", "arch.depth=2"]
 DATASET = {"source": "synthetic", "synthetic": {"classes": 4, "clips": 40, "seed": 3}}
+DATA_STORE = "s3://avsiam-data/staged"  # staged shards go to S3 and training reads them from there
 
 
 def free_port() -> int:
@@ -86,13 +88,14 @@ class Stack:
             "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
             "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(1 << 20),
             "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(1 << 20),
+            "AVSIAM_CACHE_DIR": str(root / "node_cache"),  # where training keeps the S3 shards it reads
         }
         self.env.pop("MLFLOW_RUN_ID", None)
         self.start("moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)],
                    extra={"S3_UPLOAD_PART_MIN_SIZE": str(256 * 1024)})
         wait_for(f"http://127.0.0.1:{self.moto_port}/moto-api/")
         s3 = self.s3()
-        for bucket in ("mlflow-artifacts", "avsiam-checkpoints", "avsiam-results"):
+        for bucket in ("mlflow-artifacts", "avsiam-checkpoints", "avsiam-results", "avsiam-data"):
             s3.create_bucket(Bucket=bucket)
         self.databases = [f"avsiam_mlflow_{suffix}", f"avsiam_prefect_{suffix}"]
         mlflow_db = create_database(self.databases[0]).replace("postgresql://", "postgresql+psycopg2://")
@@ -125,11 +128,11 @@ class Stack:
         return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing-secret")
 
-    def run_params(self, output_dir: Path, finetune: list[str]) -> list[str]:
+    def run_params(self, output_dir: Path, finetune: list[str], **extra: str) -> list[str]:
         params = {
             "profile": "demo", "output_dir": str(output_dir), "dataset": DATASET,
             "overrides": {"pretrain": [*FAST, "max_steps=3"], "finetune": [*FAST, *finetune]},
-            "checkpoint_store": "s3://avsiam-checkpoints/runs", "results_store": "s3://avsiam-results/cache",
+            "checkpoint_store": "s3://avsiam-checkpoints/runs", "results_store": "s3://avsiam-results/cache", **extra,
         }
         return ["--params", json.dumps(params)]
 
@@ -163,10 +166,10 @@ def mlflow_runs(stack):
     return client, mlflow.search_runs([exp.experiment_id])
 
 
-def test_deployment_run_logs_runs_params_metrics_and_s3_artifacts(stack, tmp_path):
+def test_deployment_run_logs_runs_params_metrics_and_s3_artifacts(stack, tmp_path, monkeypatch):
     out = tmp_path / "runs"
-    proc = stack.cli(["deployment", "run", "avsiam/full", *stack.run_params(out, ["max_steps=3"]), "--watch",
-                      "--watch-timeout", "900"])
+    proc = stack.cli(["deployment", "run", "avsiam/full", *stack.run_params(out, ["max_steps=3"], data_store=DATA_STORE),
+                      "--watch", "--watch-timeout", "900"])
     assert "Completed" in proc.stdout, proc.stdout[-3000:]
     client, runs = mlflow_runs(stack)
     parents = runs[runs["tags.avsiam.stage"].isna()]
@@ -176,6 +179,18 @@ def test_deployment_run_logs_runs_params_metrics_and_s3_artifacts(stack, tmp_pat
     assert parent["tags.avsiam.dataset_digest"] and parent["metrics.gpu_hours_total"] > 0
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert set(children["tags.avsiam.stage"]) == {"stage_data", "pretrain", "finetune", "evaluate"}
+    # Staged on Ray into S3, and trained from there through the node cache.
+    staged = children[children["tags.avsiam.stage"] == "stage_data"].iloc[0]["tags.avsiam.dataset"]
+    assert staged.startswith("s3://avsiam-data/staged/")
+    from avsiam.data.index import load_index
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, stack.env[name])
+    monkeypatch.setenv("AVSIAM_CACHE_DIR", str(tmp_path / "test_cache"))
+    index = load_index(staged)
+    assert index.dataset_digest == parent["tags.avsiam.dataset_digest"] and len(index.shards) >= 3
+    assert {p.name for p in (stack.root / "node_cache").rglob("*.tar")} <= {s.name for s in index.shards}
+    assert any((stack.root / "node_cache").rglob("*.tar"))
     for stage in ("pretrain", "finetune"):
         row = children[children["tags.avsiam.stage"] == stage].iloc[0]
         assert row["metrics.gpu_hours"] > 0 and row["params.lr"] and row["params.arch.embed_dim"] == "128"
@@ -221,9 +236,12 @@ def _flow_run_state(stack, flow_run_id: str) -> str:
 
 
 def test_killed_finetuning_resumes_when_the_deployment_runs_again(stack, tmp_path):
+    """Same dataset and pretraining as the first scenario, so those stages come from the shared
+    S3 results store (Cached) and the first run goes straight to finetuning, which is killed."""
     out = tmp_path / "resume"
     finetune = ["max_steps=8", "checkpoint_every=2", "epochs=4"]
-    first = stack.cli(["deployment", "run", "avsiam/full", *stack.run_params(out, finetune)])
+    params = stack.run_params(out, finetune, data_store=DATA_STORE)
+    first = stack.cli(["deployment", "run", "avsiam/full", *params])
     flow_run_id = next(line.split()[-1] for line in first.stdout.splitlines() if "UUID" in line)
     latest = None
     deadline = time.monotonic() + 900
@@ -243,7 +261,7 @@ def test_killed_finetuning_resumes_when_the_deployment_runs_again(stack, tmp_pat
     assert not (run_dir / "weights.safetensors").exists()
     mlflow_run_before = (run_dir / "mlflow_run_id").read_text()
 
-    second = stack.cli(["deployment", "run", "avsiam/full", *stack.run_params(out, finetune), "--watch", "--watch-timeout", "900"])
+    second = stack.cli(["deployment", "run", "avsiam/full", *params, "--watch", "--watch-timeout", "900"])
     assert "Completed" in second.stdout
     worker_log = (stack.root / "worker.log").read_text()
     assert "resuming from" in worker_log

@@ -1,6 +1,5 @@
 """Staging as users run it: `avsiam stage`, i.e. the Prefect staging flow with one task per shard on
-a real local Ray cluster; killed mid-way and run again; from a Moto S3 prefix into S3, then
-trained from those shards."""
+a real local Ray cluster; killed mid-way and run again; from a Moto S3 prefix into S3."""
 
 import json
 import os
@@ -83,8 +82,8 @@ def test_killed_staging_on_ray_keeps_finished_shards_and_ends_as_in_process_stag
     assert load_index(out).dataset_digest == load_index(staged_single).dataset_digest
 
 
-def test_staging_from_s3_reads_only_the_listed_clips_and_training_reads_the_shards_back(synthetic_single, s3_env, tmp_path,
-                                                                                        monkeypatch):
+def test_staging_from_s3_reads_only_the_listed_clips_and_writes_the_shards_to_s3(synthetic_single, s3_env):
+    """(Training from S3 shards is tests/test_production.py's first scenario.)"""
     client = s3_client()
     client.create_bucket(Bucket="avsiam-data")
     videos = sorted(synthetic_single.videos_dir.iterdir())
@@ -109,12 +108,3 @@ def test_staging_from_s3_reads_only_the_listed_clips_and_training_reads_the_shar
         == {s.name for s in index.shards}
     quarantine = client.get_object(Bucket="avsiam-data", Key="staged/quarantine.csv")["Body"].read().decode()
     assert absent[:-4] in quarantine and "missing file" in quarantine
-
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("AVSIAM_CACHE_DIR", str(cache))
-    run = tmp_path / "run"
-    avsiam("train", "pretrain", "--model", "tiny", "--data", "s3://avsiam-data/staged", "--output", run,
-           "batch_size_per_gpu=4", "num_workers=0", "arch.depth=2", "max_steps=2")
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    cached = {p.name for p in cache.rglob("*.tar")}
-    assert cached and cached <= {s.name for s in index.shards if s.split == "train"}  # read through the node cache
