@@ -162,7 +162,7 @@ def split_label_list(text: str) -> tuple[str, ...]:
     return tuple(label.strip() for label in text.split(",") if label.strip())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LabelledSegment:
     """A clip as a label csv lists it: YouTube id, start time, labels and (VGGSound) split."""
 
@@ -210,11 +210,12 @@ def read_audioset_segments(path: str | Path) -> list[LabelledSegment]:
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     out = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    rows = csv.reader(io.StringIO(text), skipinitialspace=True)
+    for row in rows:
+        if not row or row[0].lstrip().startswith("#"):
             continue
+        line_no = rows.line_num
         where = f"{path}: line {line_no}"
-        row = next(csv.reader([line], skipinitialspace=True))
         if len(row) != 4:
             raise FormatError(f'{where}: expected 4 fields (YTID, start_seconds, end_seconds, "labels"), got {len(row)}: {row}')
         ytid, start, end, labels = (field.strip() for field in row)

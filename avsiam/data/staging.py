@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -95,7 +95,7 @@ class StagingError(RuntimeError):
     """The stage cannot produce a usable dataset (e.g. too many bad clips)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedClip:
     """A clip to stage: its id, split, labels, where its media come from and their identity."""
 
@@ -217,7 +217,8 @@ def infer_split(label_file: Path) -> str:
 
 
 def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}" if folder.startswith("s3://") else str(Path(folder) / name)
+    """``folder/name`` for a local folder or an s3:// prefix (strings: millions of clips)."""
+    return f"{folder.rstrip('/')}/{name}"
 
 
 def plan_clips(
@@ -257,19 +258,20 @@ def plan_clips(
             label = s.labels[0] if s.labels[0] in lookup else by_name.get(s.labels[0], s.labels[0])
             if label not in lookup:
                 classes.indices([label], f"{f}: line {s.line}")
-            clip_id = Path(s.vggsound_filename()).stem
-            planned.append(PlannedClip(clip_id, split or s.split or "train", (label,), video=_join(videos, s.vggsound_filename())))
+            name = s.vggsound_filename()
+            planned.append(PlannedClip(name[:-4], split or s.split or "train", (label,), video=_join(videos, name)))
         multi_label = False
     elif fmt == "audioset":
         if classes is None:
             raise FormatError("--classes class_labels_indices.csv is required with an AudioSet segments csv")
         lookup = classes.index_of
         for f in label_files:
+            file_split = split or infer_split(f)
             for s in read_audioset_segments(f):
                 if any(label not in lookup for label in s.labels):
                     classes.indices(s.labels, f"{f}: line {s.line}")
-                clip_id = Path(s.audioset_filename()).stem
-                planned.append(PlannedClip(clip_id, split or infer_split(f), s.labels, video=_join(videos, s.audioset_filename())))
+                name = s.audioset_filename()
+                planned.append(PlannedClip(name[:-4], file_split, s.labels, video=_join(videos, name)))
         multi_label = True
     else:
         if classes is None:
@@ -302,13 +304,13 @@ def _carve_val(clip: PlannedClip, fraction: float, seed: int) -> PlannedClip:
         return clip
     h = mix_seed(seed, int.from_bytes(hashlib.sha256(clip.id.encode()).digest()[:8], "little"))
     if h % 1_000_000 < fraction * 1_000_000:
-        return PlannedClip(clip.id, "val", clip.labels, clip.video, clip.wav, clip.frames)
+        return replace(clip, split="val")
     return clip
 
 
 def with_identities(planned: Sequence[PlannedClip], videos: str | Path | None) -> list[PlannedClip]:
     """The clips with their source identity, from metadata only: one listing of an S3 prefix,
-    or a stat() per local file (in parallel threads, as metadata latency dominates on NFS)."""
+    or a stat() per local file (from parallel threads: metadata latency dominates on NFS)."""
     if videos is not None and str(videos).startswith("s3://"):
         listing = {PurePosixPath(o.key).name: o for o in s3.list_objects(str(videos))}
 
@@ -316,24 +318,27 @@ def with_identities(planned: Sequence[PlannedClip], videos: str | Path | None) -
             obj = listing.get(clip.source_name)
             return None if obj is None else f"etag:{obj.etag}:{obj.size}"
 
-        return [_replace_identity(c, identity(c)) for c in planned]
+        return [replace(c, identity=identity(c)) for c in planned]
+    # Chunks, not one future per clip: submitting millions of futures costs more than the stats.
+    chunk = max(1, -(-len(planned) // _STAT_THREADS))
+    with ThreadPoolExecutor(_STAT_THREADS) as pool:
+        parts = pool.map(_stat_identities, [planned[i : i + chunk] for i in range(0, len(planned), chunk)])
+        return [clip for part in parts for clip in part]
 
-    def stat_identity(clip: PlannedClip) -> str | None:
-        parts = []
+
+def _stat_identities(clips: Sequence[PlannedClip]) -> list[PlannedClip]:
+    out = []
+    for clip in clips:
+        parts: list[str] | None = []
         for source in clip.sources:
             try:
                 st = os.stat(source)
             except OSError:
-                return None
+                parts = None
+                break
             parts.append(f"{st.st_size}:{st.st_mtime_ns}")
-        return "stat:" + ",".join(parts)
-
-    with ThreadPoolExecutor(_STAT_THREADS) as pool:
-        return [_replace_identity(c, ident) for c, ident in zip(planned, pool.map(stat_identity, planned, chunksize=256))]
-
-
-def _replace_identity(clip: PlannedClip, identity: str | None) -> PlannedClip:
-    return PlannedClip(clip.id, clip.split, clip.labels, clip.video, clip.wav, clip.frames, identity)
+        out.append(replace(clip, identity=None if parts is None else "stat:" + ",".join(parts)))
+    return out
 
 
 def assign_slots(planned: Sequence[PlannedClip], previous: dict[str, str], clips_per_shard: int) -> dict[str, list[PlannedClip]]:
