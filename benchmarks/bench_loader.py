@@ -32,7 +32,7 @@ from avsiam.data.audio import decode_wav, load_waveform
 from avsiam.data.datasets import PretrainClips
 from avsiam.data.sampler import DistributedClipSampler
 from avsiam.data.shards import AUDIO_MEMBER, FRAME_MEMBERS
-from avsiam.data.staging import stage_dataset
+from avsiam.data.staging import StagingRequest, stage_dataset
 from avsiam.data.synthetic import generate_synthetic_dataset
 from avsiam.data.video import load_frame
 
@@ -99,8 +99,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         root = Path(tmp)
         ds = generate_synthetic_dataset(root / "raw", 8, args.clips, seed=0, workers=2, progress=False)
-        index = stage_dataset([ds.labels_csv], root / "staged", videos=ds.videos_dir, val_fraction=0, split="train",
-                              clips_per_shard=32).index
+        index = stage_dataset(StagingRequest(labels=[ds.labels_csv], out=root / "staged", videos=ds.videos_dir, split="train",
+                                             val_fraction=0, clips_per_shard=32)).index
         write_per_file_layout(index, root / "per_file")
         datasets = {
             "shards": PretrainClips(index, "train", recipe),

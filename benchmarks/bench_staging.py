@@ -30,6 +30,7 @@ import ray
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
+from avsiam.data.staging import StagingRequest
 from flows.staging import LOCAL_OBJECT_STORE_BYTES, run_staging
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real"
@@ -62,8 +63,8 @@ def _warm() -> None:
 
 def stage(labels: Path, videos: Path, out: Path, workers: int, clips_per_shard: int, warm: bool):
     def run():
-        return run_staging(workers=workers, labels=[str(labels)], out=str(out), videos=str(videos), val_fraction=0,
-                           clips_per_shard=clips_per_shard)
+        request = StagingRequest(labels=[labels], out=out, videos=videos, val_fraction=0, clips_per_shard=clips_per_shard)
+        return run_staging(request, workers=workers)
 
     if not warm:
         return run()

@@ -18,15 +18,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from avsiam.data.staging import stage_dataset
+from avsiam.data.staging import StagingRequest, stage_dataset
 from avsiam.data.synthetic import generate_synthetic_dataset
 
 BATCH = {"tiny": 8, "base": 2}
 
 
-def run(size: str, zero: int, steps: int, nproc: int, manifest: Path, out: Path) -> dict[str, float]:
+def run(size: str, zero: int, steps: int, nproc: int, data: str, out: Path) -> dict[str, float]:
     run_dir = out / f"{size}-zero{zero}"
-    cmd = [sys.executable, "-m", "avsiam.cli.main", "train", "pretrain", "--model", size, "--data", str(manifest),
+    cmd = [sys.executable, "-m", "avsiam.cli.main", "train", "pretrain", "--model", size, "--data", data,
            "--output", str(run_dir), "--nproc", str(nproc), f"zero_stage={zero}", f"max_steps={steps}",
            f"batch_size_per_gpu={BATCH[size]}", "num_workers=1", "epochs=100", "precision=fp32"]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -46,10 +46,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ds = generate_synthetic_dataset(tmp / "raw", 4, 48, seed=0, workers=2, progress=False)
-        manifest = stage_dataset([ds.labels_csv], tmp / "staged", videos_dir=ds.videos_dir, workers=2, progress=False).manifest_path
+        staged = stage_dataset(StagingRequest(labels=[ds.labels_csv], out=tmp / "staged", videos=ds.videos_dir)).index.location
         print(f"{'config':<14}{'steps/s':>9}{'samples/s':>11}{'vs ZeRO-2':>11}{'data wait s':>13}{'peak MB/rank':>14}")
         for size in args.sizes:
-            results = {zero: run(size, zero, args.steps, args.nproc, manifest, tmp) for zero in (2, 1, 3)}
+            results = {zero: run(size, zero, args.steps, args.nproc, staged, tmp) for zero in (2, 1, 3)}
             for zero in (1, 2, 3):
                 r = results[zero]
                 ratio = r["samples_per_s"] / results[2]["samples_per_s"]

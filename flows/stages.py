@@ -98,6 +98,7 @@ def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, pare
                ray_address: str | None = None) -> DataManifest:
     """Materialise the source (generate, or fetch its label files from S3) and stage it into
     ``staged`` (a folder or s3:// prefix) with the staging flow: one task per shard on Ray."""
+    from avsiam.data.staging import StagingRequest
     from flows.staging import run_staging
 
     log = get_run_logger()
@@ -105,10 +106,10 @@ def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, pare
     run_id = mlflow_runs.stage_run(root, parent_run_id, "stage_data", {"avsiam.source": source.source})
     mlflow_runs.log_params_once(run_id, source.model_dump())
     videos, labels, classes = _materialize(source, root, log)
-    summary = run_staging(address=ray_address, workers=source.workers, labels=[str(f) for f in labels], out=staged,
-                          videos=videos, classes_csv=str(classes) if classes else None, val_fraction=source.val_fraction,
-                          max_bad_fraction=source.max_bad_fraction, seed=source.synthetic.seed,
-                          clips_per_shard=source.clips_per_shard)
+    request = StagingRequest(labels=labels, out=staged, videos=videos, classes_csv=classes, val_fraction=source.val_fraction,
+                             max_bad_fraction=source.max_bad_fraction, seed=source.synthetic.seed,
+                             clips_per_shard=source.clips_per_shard)
+    summary = run_staging(request, address=ray_address, workers=source.workers)
     mlflow_runs.log_metrics(run_id, {"num_clips": summary.num_clips, "quarantined": summary.quarantined,
                                      "shards": summary.shards, "shards_built": summary.shards_built,
                                      "clips_decoded": summary.decoded, "clips_copied": summary.copied})

@@ -35,14 +35,7 @@ from prefect_ray import RayTaskRunner
 from pydantic import BaseModel
 
 from avsiam.data.sources import local_copy
-from avsiam.data.staging import (
-    DEFAULT_CLIPS_PER_SHARD,
-    ShardResult,
-    ShardSpec,
-    finalize_staging,
-    plan_staging,
-    stage_shard,
-)
+from avsiam.data.staging import ShardResult, ShardSpec, StagingRequest, finalize_staging, plan_staging, stage_shard
 
 # The object store holds task arguments and results (shard specs and records: ~0.3 MB per
 # 1,000 clips), not media; Ray's default of 30 % of RAM would reserve GBs of /dev/shm.
@@ -103,26 +96,17 @@ def stage_shard_task(spec: ShardSpec) -> ShardResult:
 
 
 @flow(name="avsiam-stage", log_prints=True)
-def stage_flow(
-    labels: list[str],
-    out: str,
-    videos: str | None = None,
-    classes_csv: str | None = None,
-    split: str | None = None,
-    val_fraction: float = 0.1,
-    max_bad_fraction: float = 0.2,
-    seed: int = 0,
-    clips_per_shard: int = DEFAULT_CLIPS_PER_SHARD,
-) -> StagingSummary:
-    """Stage the clips ``labels`` name (under ``videos``) into ``out`` (a folder or s3:// prefix)."""
+def stage_flow(request: StagingRequest) -> StagingSummary:
+    """Stage the clips ``request.labels`` name into ``request.out`` (a folder or s3:// prefix)."""
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="avsiam-labels-") as tmp:
-        label_files = [local_copy(f, Path(tmp)) for f in labels]
-        classes = local_copy(classes_csv, Path(tmp)) if classes_csv else None
-        plan = plan_staging(label_files, out, videos, classes, split, val_fraction, seed, clips_per_shard,
-                            description=", ".join(labels))
+        local = request.model_copy(update={
+            "labels": [str(local_copy(f, Path(tmp))) for f in request.labels],
+            "classes_csv": str(local_copy(request.classes_csv, Path(tmp))) if request.classes_csv else None,
+        })
+        plan = plan_staging(local, description=", ".join(request.labels))
     total = len(plan.shards)
-    log.info("%d clips in %d shards of up to %d clips -> %s", plan.num_clips, total, clips_per_shard, plan.store.location)
+    log.info("%d clips in %d shards of up to %d clips -> %s", plan.num_clips, total, request.clips_per_shard, plan.store.location)
     progress = create_progress_artifact(0.0, key="avsiam-staging", description=f"shards staged into {plan.store.location}")
     results: list[ShardResult] = []
     started = time.perf_counter()
@@ -134,7 +118,7 @@ def stage_flow(
                  how, len(result.quarantined))
         update_progress_artifact(progress, 100.0 * len(results) / total)
     shard_seconds = time.perf_counter() - started
-    staged = finalize_staging(plan, results, max_bad_fraction)
+    staged = finalize_staging(plan, results)
     index = staged.index
     log.info("staged %d clips (%d decoded, %d copied from earlier shards), %d quarantined; %d shards built, %d reused in "
              "%.1f s (%.2f CPU-s per decoded clip); dataset digest %s", len(index.clips), staged.decoded, staged.copied,
@@ -149,6 +133,6 @@ def stage_flow(
     )
 
 
-def run_staging(*, address: str | None = None, workers: int | None = None, **parameters: Any) -> StagingSummary:
+def run_staging(request: StagingRequest, *, address: str | None = None, workers: int | None = None) -> StagingSummary:
     """Run :func:`stage_flow` with its shard tasks on Ray (see the module docstring)."""
-    return stage_flow.with_options(task_runner=ray_task_runner(address, workers))(**parameters)
+    return stage_flow.with_options(task_runner=ray_task_runner(address, workers))(request)

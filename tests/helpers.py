@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from avsiam.data.staging import stage_dataset
+from avsiam.data.staging import StagingRequest, stage_dataset
 
 
 def avsiam(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -26,11 +26,12 @@ def stage_synthetic(ds, out: Path, clips_per_shard: int = 8, workers: int = 1) -
     """Stage a ``generate_synthetic_dataset`` result into ``out`` with the library's staging
     (shards in this process, or in ``workers`` processes); returns the staged folder."""
     labels = [ds.train_segments_csv, ds.eval_segments_csv] if ds.multi_label else [ds.labels_csv]
-    kw = dict(videos=ds.videos_dir, classes_csv=ds.class_labels_indices_csv, clips_per_shard=clips_per_shard)
+    request = StagingRequest(labels=labels, out=out, videos=ds.videos_dir, classes_csv=ds.class_labels_indices_csv,
+                             clips_per_shard=clips_per_shard)
     if workers == 1:
-        stage_dataset(labels, out, **kw)
+        stage_dataset(request)
         return out
     # spawn, not fork: this process holds torch threads, which do not survive a fork.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        stage_dataset(labels, out, **kw, map_shards=pool.map)
+        stage_dataset(request, map_shards=pool.map)
     return out

@@ -92,10 +92,10 @@ def test_a_truncated_or_missing_shard_raises_naming_it(manifest, tmp_path):
 
 
 def test_an_empty_split_is_an_error_naming_the_split(synthetic_single, tmp_path):
-    from avsiam.data.staging import stage_dataset
+    from avsiam.data.staging import StagingRequest, stage_dataset
 
-    only_train = stage_dataset([synthetic_single.labels_csv], tmp_path / "train_only", videos=synthetic_single.videos_dir,
-                               split="train", val_fraction=0, clips_per_shard=40).index
+    only_train = stage_dataset(StagingRequest(labels=[synthetic_single.labels_csv], out=tmp_path / "train_only",
+                                              videos=synthetic_single.videos_dir, split="train", val_fraction=0)).index
     with pytest.raises(ValueError, match="split 'test' has no clips"):
         EvalClips(only_train, "test", resolve_recipe("tiny", "finetune_vggsound"))
 

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from avsiam.data.formats import SPLITS, FormatError
 from avsiam.data.index import load_index
 from avsiam.data.shards import FRAME_MEMBERS
-from avsiam.data.staging import PlannedClip, StagingError, assign_slots, stage_dataset
+from avsiam.data.staging import PlannedClip, StagingError, StagingRequest, assign_slots, stage_dataset
 from avsiam.data.video import decode_frame
 
 
-def _stage(ds, out, labels=None, **kw):
-    return stage_dataset(labels or [ds.labels_csv], out, videos=ds.videos_dir, clips_per_shard=kw.pop("clips_per_shard", 8), **kw)
+def stage(labels, out, **options):
+    return stage_dataset(StagingRequest(labels=labels, out=out, **options))
 
 
 def test_vggsound_layout_stages_every_clip_into_webdataset_shards(staged_single, synthetic_single):
@@ -55,7 +55,7 @@ def test_audioset_layout_is_multi_label_with_eval_as_test(staged_multi, syntheti
 
 
 def test_staging_is_deterministic_whatever_the_folder(synthetic_single, staged_single, tmp_path):
-    again = _stage(synthetic_single, tmp_path / "elsewhere")
+    again = stage([synthetic_single.labels_csv], tmp_path / "elsewhere", videos=synthetic_single.videos_dir, clips_per_shard=8)
     assert again.index.dataset_digest == load_index(staged_single).dataset_digest
 
 
@@ -65,7 +65,7 @@ def test_bad_clips_are_quarantined_with_reasons(synthetic_single, tmp_path):
     names = sorted(p.name for p in videos.iterdir())
     (videos / names[0]).write_bytes(b"\x00not an mp4" * 100)
     (videos / names[1]).unlink()
-    result = stage_dataset([synthetic_single.labels_csv], tmp_path / "staged", videos=videos, clips_per_shard=8)
+    result = stage([synthetic_single.labels_csv], tmp_path / "staged", videos=videos, clips_per_shard=8)
     reasons = {clip_id: reason for clip_id, _shard, _source, reason in result.quarantined}
     assert set(reasons) == {names[0][:-4], names[1][:-4]}
     assert "missing file" in reasons[names[1][:-4]]
@@ -74,7 +74,7 @@ def test_bad_clips_are_quarantined_with_reasons(synthetic_single, tmp_path):
     rows = list(csv.DictReader((tmp_path / "staged" / "quarantine.csv").open()))
     assert {r["clip_id"] for r in rows} == set(reasons) and all(r["shard"].split("-")[0] in ("train", "val", "test") for r in rows)
     with pytest.raises(StagingError, match="2 of 40 clips are bad .* > max_bad_fraction 1.0%"):
-        stage_dataset([synthetic_single.labels_csv], tmp_path / "strict", videos=videos, max_bad_fraction=0.01)
+        stage([synthetic_single.labels_csv], tmp_path / "strict", videos=videos, max_bad_fraction=0.01)
 
 
 def test_restaging_decodes_only_new_or_changed_clips(synthetic_single, tmp_path):
@@ -82,11 +82,11 @@ def test_restaging_decodes_only_new_or_changed_clips(synthetic_single, tmp_path)
     first = tmp_path / "first.csv"
     first.write_text("\n".join(lines[:30]) + "\n")
     out = tmp_path / "staged"
-    r1 = stage_dataset([first], out, videos=synthetic_single.videos_dir, clips_per_shard=8)
+    r1 = stage([first], out, videos=synthetic_single.videos_dir, clips_per_shard=8)
     assert (r1.decoded, r1.copied, r1.shards_reused) == (30, 0, 0)
     slot_of = {r1.index.clip_id(r): r1.index.shards[r1.index.clips.shard[r]].slot for r in range(len(r1.index.clips))}
 
-    r2 = stage_dataset([synthetic_single.labels_csv], out, videos=synthetic_single.videos_dir, clips_per_shard=8)
+    r2 = stage([synthetic_single.labels_csv], out, videos=synthetic_single.videos_dir, clips_per_shard=8)
     assert r2.decoded == 10  # only the new clips; the rest are reused shards or copied samples
     assert r2.copied + 10 + sum(s.num_samples for s in r1.index.shards if s.name in {x.name for x in r2.index.shards}) == 40
     assert r2.index.dataset_digest != r1.index.dataset_digest
@@ -99,7 +99,7 @@ def test_restaging_decodes_only_new_or_changed_clips(synthetic_single, tmp_path)
     row = lines[0].split(",")
     other = next(line.split(",")[2] for line in lines if line.split(",")[2] != row[2])
     relabelled.write_text("\n".join([",".join(row[:2] + [other] + row[3:])] + lines[1:]) + "\n")
-    r3 = stage_dataset([relabelled], out, videos=synthetic_single.videos_dir, clips_per_shard=8)
+    r3 = stage([relabelled], out, videos=synthetic_single.videos_dir, clips_per_shard=8)
     assert r3.decoded == 0 and r3.shards_built == 1 and r3.copied <= 8  # a label change rewrites one shard, decoding nothing ...
     assert r3.index.dataset_digest != r2.index.dataset_digest  # ... and changes the digest
     row_of = {r3.index.clip_id(r): r for r in range(len(r3.index.clips))}
@@ -115,10 +115,10 @@ def test_label_problems_fail_before_any_decoding(synthetic_multi, tmp_path):
     text = synthetic_multi.train_segments_csv.read_text().replace("/m/syn01", "/m/nope", 1)
     bad.write_text(text)
     with pytest.raises(FormatError, match=r"train_segments.csv: line \d+: unknown label id '/m/nope'"):
-        stage_dataset([bad], tmp_path / "out", videos=synthetic_multi.videos_dir, classes_csv=synthetic_multi.class_labels_indices_csv)
+        stage([bad], tmp_path / "out", videos=synthetic_multi.videos_dir, classes_csv=synthetic_multi.class_labels_indices_csv)
     assert not (tmp_path / "out").exists()
     with pytest.raises(FormatError, match="--classes .* is required with an AudioSet segments csv"):
-        stage_dataset([synthetic_multi.train_segments_csv], tmp_path / "out", videos=synthetic_multi.videos_dir)
+        stage([synthetic_multi.train_segments_csv], tmp_path / "out", videos=synthetic_multi.videos_dir)
 
 
 def _clips(n, split="train", start=0):
@@ -148,7 +148,7 @@ def test_real_clips_and_a_cavmae_datafile(real_data, tmp_path):
     shutil.copy(real_data / "KlsG1EnBEjc_000361.mp4", videos)
     labels = tmp_path / "vggsound.csv"
     labels.write_text("KlsG1EnBEjc,361,dog barking,train\n")
-    index = stage_dataset([labels], tmp_path / "staged", videos=videos, val_fraction=0).index
+    index = stage([labels], tmp_path / "staged", videos=videos, val_fraction=0).index
     sample = index.read_sample(index.reader(), 0)
     frames_root = tmp_path / "cavmae_frames"
     for i, member in enumerate(FRAME_MEMBERS):
@@ -158,7 +158,7 @@ def test_real_clips_and_a_cavmae_datafile(real_data, tmp_path):
     datafile = tmp_path / "eval_data.json"
     datafile.write_text(json.dumps({"data": [{"video_id": "KlsG1EnBEjc", "wav": str(tmp_path / "KlsG1EnBEjc.wav"),
                                               "video_path": str(frames_root), "labels": "/m/0bt9lr"}]}))
-    again = stage_dataset([datafile], tmp_path / "from_datafile", classes_csv=real_data / "class_labels_indices_as.csv").index
+    again = stage([datafile], tmp_path / "from_datafile", classes_csv=real_data / "class_labels_indices_as.csv").index
     assert again.split_counts()["test"] == 1 and again.num_classes == 527
     assert again.classes.mids[again.clips.labels(0)[0]] == "/m/0bt9lr"
     restaged = again.read_sample(again.reader(), 0)

@@ -65,20 +65,19 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_stage(args: argparse.Namespace) -> int:
     from avsiam.data.sources import local_copy
-    from avsiam.data.staging import StagingError, plan_clips
+    from avsiam.data.staging import StagingError, StagingRequest, plan_clips
     from flows.staging import run_staging
 
+    request = StagingRequest(labels=args.labels, out=args.out, videos=args.videos, classes_csv=args.classes, split=args.split,
+                             val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
+                             clips_per_shard=args.clips_per_shard)
     # Read and check the label files here first: a typo or a bad row is then one clear line in
     # a second, not a flow failure after Prefect and Ray have started (the flow reads them again).
     with tempfile.TemporaryDirectory(prefix="avsiam-labels-") as tmp:
-        plan_clips(args.videos, [local_copy(f, Path(tmp)) for f in args.labels],
-                   local_copy(args.classes, Path(tmp)) if args.classes else None, args.split)
+        plan_clips(request.videos, [local_copy(f, Path(tmp)) for f in request.labels],
+                   local_copy(request.classes_csv, Path(tmp)) if request.classes_csv else None, request.split)
     try:
-        summary = run_staging(
-            address=args.address, workers=args.workers, labels=args.labels, out=args.out, videos=args.videos,
-            classes_csv=args.classes, split=args.split, val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction,
-            seed=args.seed, clips_per_shard=args.clips_per_shard,
-        )
+        summary = run_staging(request, address=args.address, workers=args.workers)
     except StagingError as exc:
         print(f"avsiam stage: error: {exc}", file=sys.stderr)
         return 1

@@ -44,11 +44,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from avsiam.data.audio import WINDOW_SAMPLES, DecodeError, encode_wav, load_waveform
 from avsiam.data.formats import (
@@ -93,6 +94,32 @@ _STAT_THREADS = 32  # stat() calls in flight while planning: metadata latency do
 
 class StagingError(RuntimeError):
     """The stage cannot produce a usable dataset (e.g. too many bad clips)."""
+
+
+class StagingRequest(BaseModel):
+    """What to stage and how: the one definition the CLI, the flows and the library share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    labels: list[str]  # label files (local paths here; the flow and the CLI fetch s3:// ones first)
+    out: str  # the dataset folder or s3:// prefix
+    videos: str | None = None  # the clips' folder or s3:// prefix (csv label files name clips in it)
+    classes_csv: str | None = None  # class_labels_indices.csv (AudioSet, CAV-MAE)
+    split: Literal["train", "val", "test"] | None = None  # for every clip; default: from the csv or the file name
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)  # of train clips, held out as "val" for model selection
+    max_bad_fraction: float = Field(default=0.2, ge=0, le=1)  # fail when more clips than this are bad
+    seed: int = 0
+    clips_per_shard: int = Field(default=DEFAULT_CLIPS_PER_SHARD, ge=1)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _paths_as_text(cls, value: Any) -> Any:
+        return [os.fspath(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    @field_validator("out", "videos", "classes_csv", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +201,13 @@ class ShardResult:
 
 @dataclass
 class StagingPlan:
+    request: StagingRequest
     store: Store
     classes: ClassIndex
     multi_label: bool
     shards: list[ShardSpec]
     previous: DatasetIndex | None
     source: str
-    clips_per_shard: int
 
     @property
     def num_clips(self) -> int:
@@ -371,32 +398,22 @@ def assign_slots(planned: Sequence[PlannedClip], previous: dict[str, str], clips
     return dict(sorted(slots.items()))
 
 
-def plan_staging(
-    label_files: Sequence[str | Path],
-    out: str | Path,
-    videos: str | Path | None = None,
-    classes_csv: str | Path | None = None,
-    split: str | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    clips_per_shard: int = DEFAULT_CLIPS_PER_SHARD,
-    description: str | None = None,
-) -> StagingPlan:
-    """Plan the staging of a dataset into ``out`` (see the module docstring); decodes nothing.
-    ``description`` names the source in the index (default: the label files)."""
-    store = open_store(out)
+def plan_staging(request: StagingRequest, description: str | None = None) -> StagingPlan:
+    """Plan ``request`` (see the module docstring); decodes nothing. ``description`` names the
+    source in the index (default: the label files)."""
+    store = open_store(request.out)
     classes, multi_label, planned = plan_clips(
-        videos, [Path(f) for f in label_files], Path(classes_csv) if classes_csv else None, split, val_fraction, seed
+        request.videos, [Path(f) for f in request.labels], Path(request.classes_csv) if request.classes_csv else None,
+        request.split, request.val_fraction, request.seed,
     )
-    planned = with_identities(planned, videos)
+    planned = with_identities(planned, request.videos)
     previous = _previous_index(store)
-    assignment = _read_assignment(store)
-    slots = assign_slots(planned, assignment, clips_per_shard)
+    slots = assign_slots(planned, _read_assignment(store), request.clips_per_shard)
     _write_assignment(store, slots)
     previous_names = {s.slot: s.name.removesuffix(".tar") for s in previous.shards} if previous else {}
     specs = [ShardSpec(store.location, slot, tuple(clips), previous_names.get(slot)) for slot, clips in slots.items()]
-    source = description or ", ".join(str(Path(f).resolve()) for f in label_files)
-    return StagingPlan(store, classes, multi_label, specs, previous, source, clips_per_shard)
+    source = description or ", ".join(str(Path(f).resolve()) for f in request.labels)
+    return StagingPlan(request, store, classes, multi_label, specs, previous, source)
 
 
 def _previous_index(store: Store) -> DatasetIndex | None:
@@ -560,7 +577,7 @@ def _local_source(location: str, work: Path, counts: dict[str, int]) -> Path:
 # -- the dataset --------------------------------------------------------------------------------
 
 
-def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult], max_bad_fraction: float = 0.2) -> StagingResult:
+def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult]) -> StagingResult:
     """Write the index of a staging whose shard tasks all finished (see the module docstring)."""
     by_name = {r.name: r for r in results}
     specs = {s.name: s for s in plan.shards}
@@ -573,6 +590,7 @@ def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult], max_bad_
     _write_quarantine(store, quarantined)
     total = plan.num_clips
     bad_fraction = len(quarantined) / total if total else 1.0
+    max_bad_fraction = plan.request.max_bad_fraction
     if bad_fraction > max_bad_fraction:
         raise StagingError(
             f"{len(quarantined)} of {total} clips are bad ({bad_fraction:.1%} > max_bad_fraction "
@@ -584,7 +602,7 @@ def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult], max_bad_
     shards = tuple(ShardInfo(f"{r.name}.tar", r.split, len(r.samples), r.bytes, r.sha256) for r in built)
     table = _clip_table(plan, built, specs)
     store.write_bytes(CLASSES_NAME, class_labels_csv(plan.classes).encode())
-    extra = {"source": plan.source, "clips_per_shard": plan.clips_per_shard, "quarantined": len(quarantined),
+    extra = {"source": plan.source, "clips_per_shard": plan.request.clips_per_shard, "quarantined": len(quarantined),
              "staging_format": STAGING_FORMAT}
     index = write_index(store, plan.classes, plan.multi_label, shards, table, extra)
     _prune(store, index, plan.previous, set(by_name))
@@ -653,19 +671,10 @@ def _write_quarantine(store: Store, rows: Sequence[tuple[str, str, str, str]]) -
 
 
 def stage_dataset(
-    label_files: Sequence[str | Path],
-    out: str | Path,
-    videos: str | Path | None = None,
-    classes_csv: str | Path | None = None,
-    split: str | None = None,
-    val_fraction: float = 0.1,
-    max_bad_fraction: float = 0.2,
-    seed: int = 0,
-    clips_per_shard: int = DEFAULT_CLIPS_PER_SHARD,
+    request: StagingRequest,
     map_shards: Callable[[Callable[[ShardSpec], ShardResult], Sequence[ShardSpec]], Iterable[ShardResult]] = map,
 ) -> StagingResult:
     """Plan, build every shard with ``map_shards`` (default: one after another, in this
     process), and finalize. ``flows.staging`` maps the shards over a Ray cluster instead."""
-    plan = plan_staging(label_files, out, videos, classes_csv, split, val_fraction, seed, clips_per_shard)
-    return finalize_staging(plan, list(map_shards(stage_shard, plan.shards)), max_bad_fraction)
-
+    plan = plan_staging(request)
+    return finalize_staging(plan, list(map_shards(stage_shard, plan.shards)))
