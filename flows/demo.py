@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
+from avsiam.tracking import redact_credentials
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     console.print(Markdown(summary["results_markdown"]))
     mlflow = Path(sys.executable).parent / "mlflow"
-    console.print(f"\nOpen the runs in MLflow:\n  {mlflow} ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}\n")
+    console.print(f"\nOpen the runs in MLflow:\n  {mlflow} ui --backend-store-uri {redact_credentials(os.environ['MLFLOW_TRACKING_URI'])}\n")
     return 0
 
 

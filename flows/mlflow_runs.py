@@ -16,8 +16,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
-from avsiam.tracking import flatten_params
-from avsiam.tracking.mlflow_tracker import LOCAL_ARTIFACTS_NAME
+from avsiam.tracking import SPOOL_NAME, flatten_params
+from avsiam.tracking.mlflow_tracker import LOCAL_ARTIFACTS_NAME, SyncError, sync_spool
 
 EXPERIMENT = "avsiam"
 RUN_ID_FILE = "mlflow_run_id"
@@ -29,6 +29,19 @@ def ensure_tracking_uri(output_dir: Path) -> str:
         output_dir.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
     return os.environ["MLFLOW_TRACKING_URI"]
+
+
+def sync_stage_spools(output_dir: Path, log) -> None:
+    """Deliver the records stage processes of earlier flow runs spooled during an MLflow outage
+    (what ``avsiam tracking sync`` does for one folder), before new stages add to them."""
+    for spool in sorted(output_dir.glob(f"*/**/{SPOOL_NAME}")):
+        try:
+            sent, left = sync_spool(spool.parent)
+        except SyncError as exc:
+            log.warning("not re-sending tracking records: %s", exc)
+            continue
+        log.info("%s: re-sent %d tracking records an earlier run spooled during an MLflow outage%s", spool.parent, sent,
+                 f"; {left} still spooled" if left else "")
 
 
 def client() -> MlflowClient:

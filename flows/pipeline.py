@@ -19,6 +19,7 @@ from prefect.filesystems import LocalFileSystem
 
 from avsiam import __version__
 from avsiam.config import resolve_recipe
+from avsiam.tracking import redact_credentials
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings, PipelineConfig, StageName, StageOverrides, resolve_pipeline
 from flows.stages import EvalManifest, TrainManifest, evaluate_stage, stage_data, stage_key, train_stage
@@ -109,6 +110,7 @@ def avsiam_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     _check_stores(config, checkpoint_store, results_store, data_store)
     tracking_uri = mlflow_runs.ensure_tracking_uri(out)
+    mlflow_runs.sync_stage_spools(out, log)
     storage = _result_storage(out, results_store)
     ctx = get_run_context()
     deployment = getattr(ctx.flow_run, "deployment_id", None)
@@ -117,7 +119,7 @@ def avsiam_pipeline(
         "prefect.deployment_id": str(deployment or ""), "prefect.flow_run_name": ctx.flow_run.name,
     })
     mlflow_runs.log_params_once(parent, config.model_dump(mode="json"))
-    log.info("MLflow: %s (parent run %s)", tracking_uri, parent)
+    log.info("MLflow: %s (parent run %s)", redact_credentials(tracking_uri), parent)
     try:
         summary = _run_stages(config, out, storage, parent, checkpoint_store, data_store, ray_address)
     except BaseException:

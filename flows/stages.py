@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from avsiam import __version__
+from avsiam.train.divergence import DIVERGED_EXIT_STATUS
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings
 
@@ -187,6 +188,9 @@ def train_stage(
     code = _run_command(entry, launcher, env, log.info)
     if code != 0:
         mlflow_runs.finish(run_id, failed=True)
+        if code == DIVERGED_EXIT_STATUS:
+            raise RuntimeError(f"{stage} ({recipe}) diverged (the log above names the step); resuming would diverge again: "
+                               "change the recipe (e.g. a lower lr override) and run the flow again")
         raise RuntimeError(f"{stage} ({recipe}) exited with code {code}; run the flow again to resume from {out / 'checkpoints'}")
     summary = json.loads((out / "summary.json").read_text())
     weights = Path(summary["weights"])

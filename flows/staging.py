@@ -56,6 +56,7 @@ class StagingSummary(BaseModel):
     decoded: int
     copied: int
     quarantined: int
+    staged_with_warning: int  # e.g. silent clips kept with silent_audio="warn"; listed in quarantine.csv
     fetched_objects: int
     fetched_bytes: int
     shard_seconds: float  # wall-clock of the shard tasks, first submitted to last finished
@@ -114,21 +115,21 @@ def stage_flow(request: StagingRequest) -> StagingSummary:
         result = future.result()
         results.append(result)
         how = "reused" if result.reused else f"{result.decoded} decoded, {result.copied} copied"
-        log.info("[%d/%d] %s: %d clips (%s), %d quarantined", len(results), total, result.name, len(result.samples),
-                 how, len(result.quarantined))
+        log.info("[%d/%d] %s: %d clips (%s), %d quarantined, %d staged with a warning", len(results), total,
+                 result.name, len(result.samples), how, len(result.quarantined), len(result.warnings))
         update_progress_artifact(progress, 100.0 * len(results) / total)
     shard_seconds = time.perf_counter() - started
     staged = finalize_staging(plan, results)
     index = staged.index
-    log.info("staged %d clips (%d decoded, %d copied from earlier shards), %d quarantined; %d shards built, %d reused in "
-             "%.1f s (%.2f CPU-s per decoded clip); dataset digest %s", len(index.clips), staged.decoded, staged.copied,
-             len(staged.quarantined), staged.shards_built, staged.shards_reused, shard_seconds,
+    log.info("staged %d clips (%d decoded, %d copied from earlier shards), %d quarantined, %d staged with a warning; "
+             "%d shards built, %d reused in %.1f s (%.2f CPU-s per decoded clip); dataset digest %s", len(index.clips),
+             staged.decoded, staged.copied, len(staged.quarantined), len(staged.warnings), staged.shards_built, staged.shards_reused, shard_seconds,
              staged.cpu_seconds / max(1, staged.decoded), index.dataset_digest)
     return StagingSummary(
         location=index.location, dataset_digest=index.dataset_digest, num_clips=len(index.clips), splits=index.split_counts(),
         multi_label=index.multi_label, shards=len(index.shards), shards_built=staged.shards_built,
         shards_reused=staged.shards_reused, decoded=staged.decoded, copied=staged.copied, quarantined=len(staged.quarantined),
-        fetched_objects=staged.fetched_objects, fetched_bytes=staged.fetched_bytes, shard_seconds=shard_seconds,
+        staged_with_warning=len(staged.warnings), fetched_objects=staged.fetched_objects, fetched_bytes=staged.fetched_bytes, shard_seconds=shard_seconds,
         cpu_seconds=staged.cpu_seconds,
     )
 

@@ -8,7 +8,7 @@ import pytest
 from avsiam.cli.main import build_parser
 
 SUBCOMMANDS = [["presets"], ["synth"], ["stage"], ["train", "pretrain"], ["train", "finetune"], ["evaluate"], ["launch"],
-               ["compare"], ["plan"], ["serve"]]
+               ["compare"], ["plan"], ["serve"], ["tracking", "sync"]]
 
 
 @pytest.mark.parametrize("argv", SUBCOMMANDS, ids=[" ".join(a) for a in SUBCOMMANDS])
@@ -24,3 +24,14 @@ def test_console_script_reports_bad_input_without_a_traceback(tmp_path):
                            "--videos", str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_staging_options_are_named_without_a_traceback(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a,1,dog,train\n")
+    proc = subprocess.run([sys.executable, "-m", "avsiam.cli.main", "stage", "--labels", str(labels), "--videos", str(tmp_path),
+                           "--out", str(tmp_path / "out"), "--silence-threshold-dbfs", "6", "--max-bad-fraction", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--max-bad-fraction: Input should be less than or equal to 1" in proc.stderr
+    assert "--silence-threshold-dbfs: Input should be less than or equal to 0" in proc.stderr

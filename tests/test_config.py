@@ -98,6 +98,9 @@ def test_overrides_flat_and_dotted():
     ("lr", "expected key=value"),
     ("epochs.x=1", "'epochs' is not a section"),
     ("head_lr_multiplier=3", "head_lr_multiplier must be null for pretraining"),
+    ("lr=.inf", "lr: .*finite"),
+    ("lr=.nan", "lr: .*finite"),
+    ("arch.mlp_ratio=.inf", "mlp_ratio: .*finite"),
 ])
 def test_bad_overrides_name_the_key_and_allowed_values(override, expected):
     with pytest.raises(ConfigError, match=expected):

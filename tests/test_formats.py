@@ -137,3 +137,41 @@ def test_bad_audioset_segments(tmp_path, row, expected):
     path.write_text("\n".join(AUDIOSET.splitlines()[:3] + [row]) + "\n")
     with pytest.raises(FormatError, match=f"segments.csv: {expected}"):
         read_audioset_segments(path)
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("header", ["", "youtube_id,start_seconds,label,split\r\n", "# YTID,start,label,split\r\n"])
+def test_vggsound_csv_saved_by_excel_with_bom_crlf_and_header(tmp_path, header):
+    # Excel's "CSV UTF-8" writes a byte-order mark and CRLF line ends; re-saved copies often
+    # gain a header line.
+    path = tmp_path / "vggsound.csv"
+    path.write_bytes((BOM + header + "2ogRTCEBL0p,469,dog barking,train\r\nx_y-z,3,cat,test\r\n").encode())
+    rows = read_vggsound_csv(path)
+    assert [r.youtube_id for r in rows] == ["2ogRTCEBL0p", "x_y-z"]
+    assert rows[0].line == (2 if header else 1) and rows[0].split == "train"
+    assert sniff_label_format(path) == "vggsound"
+
+
+def test_audioset_segments_and_class_list_with_bom_are_read_as_audioset(tmp_path):
+    path = tmp_path / "balanced_train_segments.csv"
+    path.write_bytes((BOM + AUDIOSET).encode())
+    assert sniff_label_format(path) == "audioset"
+    assert read_audioset_segments(path)[0].youtube_id == "00W1lcxW-WU"
+    classes = tmp_path / "class_labels_indices.csv"
+    classes.write_bytes((BOM + "index,mid,display_name\n0,/m/a,A\n").encode())
+    assert read_class_labels(classes).mids == ("/m/a",)
+
+
+def test_cavmae_datafile_with_bom(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes((BOM + json.dumps({"data": [{"video_id": "a", "wav": "a.wav", "video_path": "f", "labels": "/m/x"}]})).encode())
+    assert read_cavmae_datafile(path)[0].video_id == "a"
+
+
+def test_label_file_in_a_legacy_code_page_names_the_line(tmp_path):
+    path = tmp_path / "vgg.csv"
+    path.write_bytes("a,1,dog,train\nb,2,caf\xe9,train\n".encode("latin-1"))
+    with pytest.raises(FormatError, match=r"vgg.csv: line 2: byte 0xe9 is not UTF-8"):
+        read_vggsound_csv(path)

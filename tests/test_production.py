@@ -29,6 +29,7 @@ PG = "postgresql://postgres@127.0.0.1:5432"
 FAST = ["batch_size_per_gpu=4", "num_workers=0", "arch.depth=2"]
 DATASET = {"source": "synthetic", "synthetic": {"classes": 4, "clips": 40, "seed": 3}}
 DATA_STORE = "s3://avsiam-data/staged"  # staged shards go to S3 and training reads them from there
+TRACKING_PASSWORD = "hunter2-tracking"  # in MLFLOW_TRACKING_URI; never to appear in a log
 
 
 def free_port() -> int:
@@ -83,7 +84,8 @@ class Stack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.moto_port}",
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.mlflow_port}",
+            # Credentials in the URI (a proxy with basic auth): they must never reach a log.
+            "MLFLOW_TRACKING_URI": f"http://avsiam:{TRACKING_PASSWORD}@127.0.0.1:{self.mlflow_port}",
             # multi-MB weights go through proxied multipart upload (1 MiB parts here)
             "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
             "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(1 << 20),
@@ -207,8 +209,11 @@ def test_deployment_run_logs_runs_params_metrics_and_s3_artifacts(stack, tmp_pat
     ckpt = s3.list_objects_v2(Bucket="avsiam-checkpoints", Prefix="runs/")
     assert any(o["Key"].endswith("/latest") for o in ckpt.get("Contents", []))
     assert s3.list_objects_v2(Bucket="avsiam-results", Prefix="cache/")["KeyCount"] >= 4  # the stage cache records
-    # Credentials never reach MLflow params or tags.
+    # Credentials never reach MLflow params or tags, nor the flow's or the training's logs.
     assert not any("testing-secret" in str(v) for v in runs.to_dict("records")[0].values())
+    assert not any(TRACKING_PASSWORD in str(v) for v in runs.to_dict("records")[0].values())
+    worker_log = (stack.root / "worker.log").read_text()
+    assert "MLflow: http://***@127.0.0.1" in worker_log and TRACKING_PASSWORD not in worker_log
 
 
 def _prefect_client(stack):

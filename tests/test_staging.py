@@ -7,11 +7,15 @@ import json
 import shutil
 import wave
 
+import numpy as np
 import pytest
+import torch
 import webdataset
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
+from avsiam.data.audio import STAGED_AUDIO_FRAMES, STAGED_AUDIO_SAMPLES, load_waveform, waveform_to_fbank
 from avsiam.data.formats import SPLITS, FormatError
 from avsiam.data.index import load_index
 from avsiam.data.shards import FRAME_MEMBERS
@@ -42,7 +46,7 @@ def test_vggsound_layout_stages_every_clip_into_webdataset_shards(staged_single,
     with wave.open(io.BytesIO(sample["wav"])) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2) and 9.5 < w.getnframes() / 16000 <= 10.1
     rows = list(csv.reader((staged_single / "quarantine.csv").open()))
-    assert rows == [["clip_id", "shard", "source", "reason"]]
+    assert rows == [["clip_id", "shard", "source", "reason", "action"]]
     assert (staged_single / "class_labels_indices.csv").read_text().startswith("index,mid,display_name")
     assert json.loads((staged_single / "index.json").read_text())["dataset_digest"] == index.dataset_digest
 
@@ -163,3 +167,69 @@ def test_real_clips_and_a_cavmae_datafile(real_data, tmp_path):
     assert again.classes.mids[again.clips.labels(0)[0]] == "/m/0bt9lr"
     restaged = again.read_sample(again.reader(), 0)
     assert restaged.media("wav") == sample.media("wav")  # the staged audio survives a second staging bit for bit
+
+
+def _write_wav(path, channels, rate=16000):
+    """A 16-bit wav of ``channels`` (float arrays in [-1, 1])."""
+    pcm = (np.stack(channels, axis=1) * 32767).round().astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(len(channels))
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+
+
+@pytest.fixture
+def odd_audio_datafile(tmp_path):
+    """A CAV-MAE datafile of four clips made here: a 10 s tone, digital silence, a stereo track
+    whose channels cancel when mixed to mono, and a 60 s tone."""
+    frame = Image.fromarray(np.full((144, 256, 3), 90, np.uint8))
+    root = tmp_path / "frames"
+    t10, t60 = np.arange(160000) / 16000, np.arange(60 * 44100) / 44100
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t10)
+    wavs = {"tone": [tone], "silent": [np.zeros_like(t10)], "cancels": [tone, -tone], "long": [0.3 * np.sin(2 * np.pi * 330 * t60)]}
+    entries = []
+    for clip_id, channels in wavs.items():
+        _write_wav(tmp_path / f"{clip_id}.wav", channels, rate=44100 if clip_id == "long" else 16000)
+        for i in range(10):
+            (root / f"frame_{i}").mkdir(parents=True, exist_ok=True)
+            frame.save(root / f"frame_{i}" / f"{clip_id}.jpg")
+        entries.append({"video_id": clip_id, "wav": str(tmp_path / f"{clip_id}.wav"), "video_path": str(root), "labels": "/m/a"})
+    classes = tmp_path / "classes.csv"
+    classes.write_text("index,mid,display_name\n0,/m/a,A\n")
+    datafile = tmp_path / "train_data.json"
+    datafile.write_text(json.dumps({"data": entries}))
+    return datafile, classes
+
+
+def test_silent_audio_is_quarantined_or_staged_with_a_warning(odd_audio_datafile, tmp_path):
+    datafile, classes = odd_audio_datafile
+    result = stage([datafile], tmp_path / "strict", classes_csv=classes, val_fraction=0, max_bad_fraction=0.5)
+    reasons = {clip_id: reason for clip_id, _shard, _source, reason in result.quarantined}
+    assert set(reasons) == {"silent", "cancels"}
+    assert "silent audio (peak -inf dBFS" in reasons["cancels"] and "silence_threshold_dbfs -60" in reasons["silent"]
+    assert sorted(result.index.clip_id(r) for r in range(len(result.index.clips))) == ["long", "tone"]
+
+    kept = stage([datafile], tmp_path / "lenient", classes_csv=classes, val_fraction=0, silent_audio="warn")
+    assert not kept.quarantined and len(kept.index.clips) == 4
+    rows = list(csv.DictReader((tmp_path / "lenient" / "quarantine.csv").open()))
+    assert {(r["clip_id"], r["action"]) for r in rows} == {("silent", "staged with warning"), ("cancels", "staged with warning")}
+    assert all("silent audio" in r["reason"] for r in rows)
+    # A threshold above the tone's peak (0.3: -10.5 dBFS) makes it silent too.
+    loud = stage([datafile], tmp_path / "loud", classes_csv=classes, val_fraction=0, silence_threshold_dbfs=-6.0,
+                 silent_audio="warn")
+    assert len(loud.warnings) == 4
+
+
+def test_only_the_window_training_reads_is_staged(odd_audio_datafile, tmp_path):
+    datafile, classes = odd_audio_datafile
+    index = stage([datafile], tmp_path / "staged", classes_csv=classes, val_fraction=0, max_bad_fraction=0.5).index
+    row = next(r for r in range(len(index.clips)) if index.clip_id(r) == "long")
+    with wave.open(io.BytesIO(index.read_sample(index.reader(), row).media("wav"))) as w:
+        assert w.getnframes() == STAGED_AUDIO_SAMPLES  # 10.255 s of the 60 s, resampled to 16 kHz
+    # ... which is exactly what the fbank of the whole clip reads: its 1024 frames are equal.
+    whole = waveform_to_fbank(load_waveform(tmp_path / "long.wav"))
+    staged = waveform_to_fbank(load_waveform(tmp_path / "long.wav")[:STAGED_AUDIO_SAMPLES])
+    assert whole.shape == staged.shape == (STAGED_AUDIO_FRAMES, 128)
+    assert torch.allclose(whole, staged, atol=2e-3)  # only the DC offset removed before the fbank differs
+    assert json.loads((tmp_path / "staged" / "index.json").read_text())["extra"]["audio_samples"] == STAGED_AUDIO_SAMPLES

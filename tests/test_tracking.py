@@ -51,48 +51,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a real ``mlflow server`` (sqlite backend, proxied artifacts) for this module."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # The server's job runner (extra worker processes) is not needed for tracking.
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    log_path = root / "server.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("mlflow")),
-                "server",
-                "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                "--artifacts-destination", str(root / "artifacts"),
-                "--host", "127.0.0.1",
-                "--port", str(port),
-                "--workers", "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=root,
-            # Its own process group, so that stopping it also stops the workers it spawns.
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on ``port``; stop and start
+    it again on the same port and database to make an outage."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # The server's job runner (extra worker processes) is not needed for tracking.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        log_path = self.root / "server.log"
+        with log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("mlflow")),
+                    "server",
+                    "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+                    "--artifacts-destination", str(self.root / "artifacts"),
+                    "--host", "127.0.0.1",
+                    "--port", str(self.port),
+                    "--workers", "1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.root,
+                # Its own process group, so that stopping it also stops the workers it spawns.
+                start_new_session=True,
+            )
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
+        while not _healthy(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.25)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, sig)
         try:
-            server.wait(timeout=15)
+            self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real MLflow server for this module."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def _healthy(url: str) -> bool:
@@ -413,3 +431,68 @@ def test_only_rank_zero_tracks(dead_server_uri: str, tmp_path: Path, monkeypatch
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_server_uri)
     assert isinstance(make_tracker(0, tmp_path / "rank0"), Tracker)
+
+
+# --- outages that end -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A server of this test alone: the test kills it and brings it back."""
+    server = MlflowServer(tmp_path_factory.mktemp("own_server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_spool_is_flushed_on_a_short_backoff_while_the_run_goes_on(
+    own_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", own_server.url)
+    tracker = Tracker.start(tmp_path, experiment="outage", first_retry_s=0.5, reconnect_interval_s=2)
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    own_server.stop(signal.SIGKILL)
+    for step in range(3, 6):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    assert len(spool_records(tmp_path)) == 3
+    own_server.start()
+    step, deadline = 6, time.monotonic() + 30
+    while (tmp_path / SPOOL_NAME).exists():  # no finish(), no restart: the backoff delivers it
+        assert time.monotonic() < deadline, "the spool was not re-sent while the run went on"
+        tracker.log_metrics({"loss": 1.0}, step=step)
+        step += 1
+        time.sleep(0.2)
+    assert metric_steps(MlflowClient(own_server.url), tracker.run_id, "loss") == list(range(step))
+    tracker.finish()
+
+
+def test_records_of_a_run_that_ended_during_the_outage_are_sent_by_tracking_sync(
+    own_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", own_server.url)
+    tracker = Tracker.start(tmp_path, experiment="outage")
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    own_server.stop(signal.SIGKILL)  # killed at step 5; the run goes on and ends before it is back
+    for step in range(5, 24):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.set_tags({"avsiam.weights": "/runs/x/weights.safetensors"})
+    tracker.finish()
+    client = MlflowClient(own_server.url)
+    cli = [sys.executable, "-m", "avsiam.cli.main", "tracking", "sync", str(tmp_path)]
+    env = {**os.environ}
+    still_down = subprocess.run(cli, capture_output=True, text=True, env=env)
+    assert still_down.returncode == 1 and "21 still spooled" in still_down.stdout
+
+    own_server.start()
+    # Another server is not where these records belong: refused, naming both.
+    elsewhere = subprocess.run(cli, capture_output=True, text=True, env={**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert elsewhere.returncode == 2 and f"belong to {own_server.url}, not to MLFLOW_TRACKING_URI http://127.0.0.1:9" in elsewhere.stderr
+    synced = subprocess.run(cli, capture_output=True, text=True, env=env)
+    assert synced.returncode == 0 and "sent 21 records, all delivered" in synced.stdout, synced.stdout + synced.stderr
+    assert not (tmp_path / SPOOL_NAME).exists()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["avsiam.weights"] == "/runs/x/weights.safetensors"
+    assert metric_steps(client, tracker.run_id, "loss") == list(range(24))

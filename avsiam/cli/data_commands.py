@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"clips per shard (default {DEFAULT_CLIPS_PER_SHARD}: ~0.5 GB of AudioSet-sized clips)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPUs of the temporary local Ray cluster")
     p.add_argument("--address", help="an existing Ray cluster (auto, or ray://head:10001) instead of a local one")
+    p.add_argument("--silence-threshold-dbfs", type=float, default=-60.0,
+                   help="a clip whose staged audio never peaks above this level is silent (default -60 dBFS)")
+    p.add_argument("--silent-audio", choices=["quarantine", "warn"], default="quarantine",
+                   help="quarantine silent clips (default), or stage them and list them in quarantine.csv with a warning")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_stage)
 
@@ -64,13 +68,21 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_stage(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from avsiam.config import ConfigError
     from avsiam.data.sources import local_copy
     from avsiam.data.staging import StagingError, StagingRequest, plan_clips
     from flows.staging import run_staging
 
-    request = StagingRequest(labels=args.labels, out=args.out, videos=args.videos, classes_csv=args.classes, split=args.split,
-                             val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
-                             clips_per_shard=args.clips_per_shard)
+    try:
+        request = StagingRequest(labels=args.labels, out=args.out, videos=args.videos, classes_csv=args.classes,
+                                 split=args.split, val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction,
+                                 seed=args.seed, clips_per_shard=args.clips_per_shard,
+                                 silence_threshold_dbfs=args.silence_threshold_dbfs, silent_audio=args.silent_audio)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(problems) from None
     # Read and check the label files here first: a typo or a bad row is then one clear line in
     # a second, not a flow failure after Prefect and Ray have started (the flow reads them again).
     with tempfile.TemporaryDirectory(prefix="avsiam-labels-") as tmp:
@@ -84,7 +96,7 @@ def run_stage(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{k} {v}" for k, v in summary.splits.items())
     print(f"staged {summary.num_clips} clips in {summary.shards} shards ({summary.shards_built} built, "
           f"{summary.shards_reused} reused; {summary.decoded} clips decoded, {summary.copied} copied), "
-          f"{summary.quarantined} quarantined")
+          f"{summary.quarantined} quarantined, {summary.staged_with_warning} staged with a warning")
     print(f"splits: {splits}; {'multi' if summary.multi_label else 'single'}-label")
     print(f"dataset: {summary.location}")
     print(f"dataset digest: {summary.dataset_digest}")

@@ -21,12 +21,14 @@ from avsiam.cli import (
     plan_command,
     presets_command,
     serve_command,
+    tracking_command,
     train_commands,
 )
 from avsiam.config import ConfigError
 from avsiam.data.formats import FormatError
 
-COMMANDS = (presets_command, data_commands, train_commands, launch_command, compare_command, plan_command, serve_command)
+COMMANDS = (presets_command, data_commands, train_commands, launch_command, compare_command, plan_command, serve_command,
+            tracking_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

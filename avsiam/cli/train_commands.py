@@ -4,6 +4,8 @@ Without ``--nproc`` the command trains in this process: alone, or as one rank of
 that started it (torchrun, ``deepspeed``, srun: RANK/WORLD_SIZE/LOCAL_RANK in the
 environment). With ``--nproc N`` it checks its inputs, then runs the same command on N local
 ranks through the deepspeed launcher, supervised as one process group.
+
+A run that diverges exits with status 3 after one message (from rank 0) naming the step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from avsiam.config import RECIPES, SIZES, resolve_recipe
@@ -50,11 +53,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_evaluate)
 
 
+def check_run_folder(path: Path) -> None:
+    """``--output`` must be (or be creatable as) a writable folder; checked without creating it."""
+    from avsiam.config import ConfigError
+
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == path else f"is under {existing}, which is a file"
+                raise ConfigError(f"--output {path}: {where}, not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(f"--output {path}: {existing} is not writable")
+            return
+
+
 def _preflight(args: argparse.Namespace, recipe) -> None:
     """Check every input before any process is launched or any model is built."""
     from avsiam.data.index import load_index
     from avsiam.train.tasks import make_task
 
+    check_run_folder(args.output)
     index = load_index(args.data)
     index.check_shards()
     make_task(recipe, index)
@@ -63,7 +81,8 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from avsiam.train.distributed import shutdown_distributed
+    from avsiam.train.distributed import barrier, shutdown_distributed
+    from avsiam.train.divergence import DIVERGED_EXIT_STATUS, TrainingDiverged
     from avsiam.train.trainer import train, write_config
 
     recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
@@ -79,7 +98,16 @@ def run_train(args: argparse.Namespace) -> int:
                  "--output", str(args.output), *(["--init", str(args.init)] if args.init else []),
                  *(["--variant", args.variant] if args.variant else []), *args.overrides]
         return run_supervised(deepspeed_command(args.nproc, entry))
-    summary = train(recipe, args.data, args.output, init_weights=args.init)
+    try:
+        summary = train(recipe, args.data, args.output, init_weights=args.init)
+    except TrainingDiverged as exc:
+        # Every rank raised at the same step. Rank 0 reports, then all leave together: the
+        # launcher kills the whole group as soon as one rank exits, which could cut the report.
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"avsiam train: error: {exc}", file=sys.stderr, flush=True)
+        barrier()
+        shutdown_distributed()
+        return DIVERGED_EXIT_STATUS
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
@@ -91,6 +119,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.train.distributed import shutdown_distributed
 
     recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
+    check_run_folder(args.output)
     results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:

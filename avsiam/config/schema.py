@@ -22,9 +22,10 @@ EncoderKind = Literal["siamese", "separate"]
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and
+    no float may be inf or nan (``lr=.inf`` passes ``gt=0`` otherwise)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class ArchConfig(StrictModel):

@@ -14,6 +14,7 @@ Two hazards of the published loaders are fixed here:
 from __future__ import annotations
 
 import io
+import math
 import wave
 from pathlib import Path
 
@@ -32,6 +33,12 @@ FBANK_MEAN = -5.081
 FBANK_STD = 4.485
 # Kaldi's default 25 ms analysis window at 16 kHz: the shortest waveform with one fbank frame.
 WINDOW_SAMPLES = 400
+HOP_SAMPLES = 160  # the 10 ms frame shift
+# What training reads of a clip's audio: the first 1024 fbank frames, 10.255 s at 16 kHz (the
+# paper's 10 s clips give 998 frames, padded). Staging keeps this window and nothing after it,
+# so a 60 s download costs 10 s of shard space.
+STAGED_AUDIO_FRAMES = 1024
+STAGED_AUDIO_SAMPLES = WINDOW_SAMPLES + (STAGED_AUDIO_FRAMES - 1) * HOP_SAMPLES
 
 
 def decode_audio(path: str | Path) -> tuple[torch.Tensor, int]:
@@ -135,6 +142,12 @@ def decode_wav(data: bytes, where: str, sample_rate: int = SAMPLE_RATE) -> torch
     return torch.from_numpy(pcm)
 
 
+def peak_dbfs(waveform: torch.Tensor) -> float:
+    """The largest absolute sample in dB relative to full scale (-inf for digital silence)."""
+    peak = float(waveform.abs().max()) if waveform.numel() else 0.0
+    return 20.0 * math.log10(peak) if peak > 0 else -math.inf
+
+
 def waveform_to_fbank(waveform: torch.Tensor, target_frames: int = 1024, mel_bins: int = 128) -> torch.Tensor:
     """Un-normalised Kaldi log-mel fbank ``[target_frames, mel_bins]`` of a 16 kHz waveform.
 
@@ -157,7 +170,7 @@ def waveform_to_fbank(waveform: torch.Tensor, target_frames: int = 1024, mel_bin
         window_type="hanning",
         num_mel_bins=mel_bins,
         dither=0.0,
-        frame_shift=10,
+        frame_shift=10,  # ms: HOP_SAMPLES at 16 kHz
     )
     return _pad_or_crop_frames(fbank, target_frames)
 

@@ -8,6 +8,8 @@
 
 Every reader validates while it reads and raises :class:`FormatError` naming the file, the
 entry (row number or id) and what is wrong, so a broken download fails before any decoding.
+Files are read as UTF-8 with an optional byte-order mark (Excel writes one when it saves a csv
+as "CSV UTF-8"), and a VGGSound csv may start with a header line.
 """
 
 from __future__ import annotations
@@ -119,9 +121,7 @@ def read_cavmae_datafile(path: str | Path, check_files: bool = False, num_frames
     """Read a CAV-MAE datafile; with ``check_files`` every wav and frame must exist."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        doc = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
@@ -185,7 +185,7 @@ def read_vggsound_csv(path: str | Path) -> list[LabelledSegment]:
     rows = _read_csv_rows(path)
     out = []
     for line_no, row in enumerate(rows, start=1):
-        if not row or (line_no == 1 and row[0].strip().lower() in ("youtube_id", "# youtube_id", "ytid")):
+        if not row or (line_no == 1 and _is_vggsound_header(row)):
             continue
         where = f"{path}: line {line_no}"
         if len(row) != 4:
@@ -205,12 +205,8 @@ def read_vggsound_csv(path: str | Path) -> list[LabelledSegment]:
 def read_audioset_segments(path: str | Path) -> list[LabelledSegment]:
     """The official AudioSet segments csv (``balanced_train_segments.csv`` and friends)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     out = []
-    rows = csv.reader(io.StringIO(text), skipinitialspace=True)
+    rows = csv.reader(io.StringIO(read_text(path)), skipinitialspace=True)
     for row in rows:
         if not row or row[0].lstrip().startswith("#"):
             continue
@@ -235,30 +231,64 @@ def read_audioset_segments(path: str | Path) -> list[LabelledSegment]:
 
 
 def sniff_label_format(path: str | Path) -> str:
-    """'cavmae' (a JSON datafile), 'audioset' (segments csv) or 'vggsound' (4-column csv)."""
+    """'cavmae' (a JSON datafile), 'audioset' (segments csv) or 'vggsound' (4-column csv), from
+    the first data rows: AudioSet's third field is a time, VGGSound's fourth a split. Comment
+    and header lines are skipped, so either file may start with one."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         return "cavmae"
+    lines = [line for line in read_text(path).splitlines()[:50] if line.strip()]
+    if not lines:
+        raise FormatError(f"{path}: empty label file")
+    for row in csv.reader(lines, skipinitialspace=True):
+        if not row or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) == 4 and row[3].strip() in SPLITS:
+            return "vggsound"
+        if len(row) == 4 and _is_number(row[1]) and _is_number(row[2]):
+            return "audioset"
+    return "audioset" if lines[0].lstrip().startswith("#") else "vggsound"
+
+
+def _is_number(text: str) -> bool:
     try:
-        with path.open(encoding="utf-8") as fh:
-            head = [line for line in (fh.readline() for _ in range(5)) if line.strip()]
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_text(path: Path) -> str:
+    """The text of a label or datafile: UTF-8, a leading byte-order mark dropped; a byte that is
+    not UTF-8 is an error naming its line (a file saved in a legacy code page)."""
+    try:
+        data = path.read_bytes()
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if not head:
-        raise FormatError(f"{path}: empty label file")
-    if head[0].lstrip().startswith("#") or '"' in head[0] and head[0].count(",") > 3:
-        return "audioset"
-    return "vggsound"
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FormatError(
+            f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8"
+        ) from None
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return [row for row in csv.reader(fh)]
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except (csv.Error, UnicodeDecodeError) as exc:
+        return list(csv.reader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as exc:
         raise FormatError(f"{path}: not a readable CSV file: {exc}") from exc
+
+
+# First-line cells that make a VGGSound csv's optional header (the official file has none;
+# re-saved copies often carry youtube_id,start_seconds,label,split or similar).
+_VGGSOUND_HEADER_IDS = {"youtube_id", "# youtube_id", "ytid", "# ytid", "id", "video_id"}
+
+
+def _is_vggsound_header(row: list[str]) -> bool:
+    cells = [cell.strip().lower() for cell in row]
+    return cells[0] in _VGGSOUND_HEADER_IDS or (len(cells) == 4 and cells[3] == "split")
 
 
 def _seconds(text: str, where: str) -> float:

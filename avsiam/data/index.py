@@ -7,7 +7,7 @@ A staged dataset is a folder, on disk or under an ``s3://`` prefix::
     shards/<split>-<n>-<key>.tar     WebDataset shards (avsiam.data.shards)
     shards/<split>-<n>-<key>.json    each shard's staging record (avsiam.data.staging)
     class_labels_indices.csv         the class list, for people and other tools
-    quarantine.csv                   every clip that could not be staged, and why
+    quarantine.csv                   every clip that could not be staged (or was staged with a warning), and why
 
 The clip table holds what training needs per clip, as columns: ``id``, ``split``, ``labels``
 (class indices), ``shard`` (its number in the shard list), ``offset`` and ``size`` (the

@@ -20,7 +20,8 @@ Ray; :func:`stage_dataset` runs them in this process):
    not re-decode 2 M clips). A shard whose key has a finished record beside it is reused as
    it is; otherwise unchanged clips are copied from the slot's previous shard and only new or
    changed sources are read (each from its own path or S3 object) and decoded. A missing or
-   undecodable clip is quarantined with its reason.
+   undecodable clip is quarantined with its reason, and so is a clip whose audio is silent
+   (see :class:`AudioScreen`), unless the request stages those with a warning.
 3. :func:`finalize_staging` checks ``max_bad_fraction`` over the whole dataset, writes
    ``quarantine.csv``, the class list and the index, and removes shards that neither the new
    nor the previous index lists (a training run on the previous index keeps its files).
@@ -51,7 +52,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from avsiam.data.audio import WINDOW_SAMPLES, DecodeError, encode_wav, load_waveform
+from avsiam.data.audio import (
+    STAGED_AUDIO_SAMPLES,
+    WINDOW_SAMPLES,
+    DecodeError,
+    decode_wav,
+    encode_wav,
+    load_waveform,
+    peak_dbfs,
+)
 from avsiam.data.formats import (
     SPLITS,
     ClassIndex,
@@ -83,8 +92,9 @@ from avsiam.storage.store import MissingFileError, Store, open_store
 log = logging.getLogger(__name__)
 
 # Bump when the staged bytes of a clip change (decoders, frame size, JPEG quality): every
-# shard's key changes with it, so the next staging decodes everything again.
-STAGING_FORMAT = 1
+# shard's key changes with it, and shards of another format are never copied from, so the
+# next staging decodes everything again. 2: audio cut to STAGED_AUDIO_SAMPLES.
+STAGING_FORMAT = 2
 DEFAULT_CLIPS_PER_SHARD = 1000  # ~0.5 GB at AudioSet's 0.5-0.6 MB per staged clip
 ASSIGNMENT_NAME = "assignment.parquet"
 RECORD_FORMAT = "avsiam-shard-record"
@@ -110,6 +120,12 @@ class StagingRequest(BaseModel):
     max_bad_fraction: float = Field(default=0.2, ge=0, le=1)  # fail when more clips than this are bad
     seed: int = 0
     clips_per_shard: int = Field(default=DEFAULT_CLIPS_PER_SHARD, ge=1)
+    # A clip whose staged audio never rises above this peak level is silent: a dead microphone,
+    # a muted upload, or stereo channels that cancel when mixed to mono. Training on it would
+    # feed a constant spectrogram. "quarantine" drops it; "warn" stages it and lists it in
+    # quarantine.csv as staged with a warning.
+    silence_threshold_dbfs: float = Field(default=-60.0, le=0, allow_inf_nan=False)
+    silent_audio: Literal["quarantine", "warn"] = "quarantine"
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -145,6 +161,23 @@ class PlannedClip:
 
 
 @dataclass(frozen=True)
+class AudioScreen:
+    """The check every staged clip's audio passes: what training reads (the staged window, as
+    16-bit PCM) must peak above ``silence_threshold_dbfs``."""
+
+    silence_threshold_dbfs: float = -60.0
+    silent_audio: Literal["quarantine", "warn"] = "quarantine"
+
+    def problem(self, wav: bytes, where: str) -> str | None:
+        """Why the staged wav fails the screen, or None."""
+        peak = peak_dbfs(decode_wav(wav, where))
+        if peak > self.silence_threshold_dbfs:
+            return None
+        return (f"silent audio (peak {peak:.1f} dBFS of the 16 kHz mono mix, at or below "
+                f"silence_threshold_dbfs {self.silence_threshold_dbfs:g}; stereo channels that cancel are silent too)")
+
+
+@dataclass(frozen=True)
 class ShardSpec:
     """One shard to build: everything its task needs, and nothing the task must look up."""
 
@@ -152,11 +185,14 @@ class ShardSpec:
     slot: str  # e.g. "train-000003": the clips' stable home
     clips: tuple[PlannedClip, ...]
     previous: str | None = None  # the slot's shard in the previous index (copy source)
+    screen: AudioScreen = AudioScreen()
 
     @cached_property
     def key(self) -> str:
         clips = [[c.id, c.split, list(c.labels), c.identity] for c in self.clips]
-        return hashlib.sha256(json.dumps({"format": STAGING_FORMAT, "clips": clips}).encode()).hexdigest()
+        doc = {"format": STAGING_FORMAT, "screen": [self.screen.silence_threshold_dbfs, self.screen.silent_audio],
+               "clips": clips}
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
     @property
     def name(self) -> str:
@@ -178,6 +214,8 @@ class ShardResult:
     bytes: int
     sha256: str
     quarantined: tuple[tuple[str, str, str], ...]  # (clip id, source, reason)
+    warnings: tuple[tuple[str, str, str], ...] = ()  # staged clips with a problem: (clip id, source, reason)
+    staging_format: int = STAGING_FORMAT
     reused: bool = False
     decoded: int = 0
     copied: int = 0
@@ -186,8 +224,9 @@ class ShardResult:
     cpu_seconds: float = 0.0  # of the task's process while it built the shard
 
     def record(self) -> bytes:
-        doc = {"format": RECORD_FORMAT, "name": self.name, "key": self.key, "split": self.split, "bytes": self.bytes,
-               "sha256": self.sha256, "samples": self.samples, "quarantined": self.quarantined}
+        doc = {"format": RECORD_FORMAT, "staging_format": self.staging_format, "name": self.name, "key": self.key,
+               "split": self.split, "bytes": self.bytes, "sha256": self.sha256, "samples": self.samples,
+               "quarantined": self.quarantined, "warnings": self.warnings}
         return json.dumps(doc).encode()
 
     @classmethod
@@ -196,7 +235,8 @@ class ShardResult:
         if doc.get("format") != RECORD_FORMAT:
             raise ValueError("not a shard record")
         return cls(doc["name"], doc["key"], doc["split"], tuple(map(tuple, doc["samples"])), int(doc["bytes"]),
-                   doc["sha256"], tuple(map(tuple, doc["quarantined"])), reused=True)
+                   doc["sha256"], tuple(map(tuple, doc["quarantined"])), tuple(map(tuple, doc.get("warnings", ()))),
+                   int(doc.get("staging_format", 1)), reused=True)
 
 
 @dataclass
@@ -222,6 +262,7 @@ class StagingResult:
     decoded: int  # clips read from their source and decoded
     copied: int  # clips copied unchanged from a previous shard
     quarantined: list[tuple[str, str, str, str]] = field(default_factory=list)  # (clip id, shard slot, source, reason)
+    warnings: list[tuple[str, str, str, str]] = field(default_factory=list)  # staged with a warning, same fields
     fetched_objects: int = 0  # source objects read from S3
     fetched_bytes: int = 0
     cpu_seconds: float = 0.0  # summed over the shard tasks
@@ -411,7 +452,8 @@ def plan_staging(request: StagingRequest, description: str | None = None) -> Sta
     slots = assign_slots(planned, _read_assignment(store), request.clips_per_shard)
     _write_assignment(store, slots)
     previous_names = {s.slot: s.name.removesuffix(".tar") for s in previous.shards} if previous else {}
-    specs = [ShardSpec(store.location, slot, tuple(clips), previous_names.get(slot)) for slot, clips in slots.items()]
+    screen = AudioScreen(request.silence_threshold_dbfs, request.silent_audio)
+    specs = [ShardSpec(store.location, slot, tuple(clips), previous_names.get(slot), screen) for slot, clips in slots.items()]
     source = description or ", ".join(str(Path(f).resolve()) for f in request.labels)
     return StagingPlan(request, store, classes, multi_label, specs, previous, source)
 
@@ -454,8 +496,11 @@ def stage_shard(spec: ShardSpec) -> ShardResult:
         return done
     cpu_start = time.process_time()
     previous = _finished_record(store, spec.previous, None) if spec.previous and spec.previous != spec.name else None
+    if previous is not None and previous.staging_format != STAGING_FORMAT:
+        previous = None  # staged differently: its samples are not what this format stages
     counts = {"decoded": 0, "copied": 0, "fetched_objects": 0, "fetched_bytes": 0}
     quarantined: list[tuple[str, str, str]] = []
+    warnings: list[tuple[str, str, str]] = []
     kept: list[PlannedClip] = []
     with tempfile.TemporaryDirectory(prefix=f"avsiam-{spec.slot}-") as tmp, _CopySource(store, previous, Path(tmp)) as copies:
         work = Path(tmp)
@@ -472,6 +517,11 @@ def stage_shard(spec: ShardSpec) -> ShardResult:
                         quarantined.append((clip.id, clip.sources[0], str(exc)))
                         continue
                     counts["decoded"] += 1
+                if problem := spec.screen.problem(media["wav"], f"clip {clip.id}"):
+                    if spec.screen.silent_audio == "quarantine":
+                        quarantined.append((clip.id, clip.sources[0], problem))
+                        continue
+                    warnings.append((clip.id, clip.sources[0], problem))
                 kept.append(clip)
                 yield media, {"id": clip.id, "split": clip.split, "labels": list(clip.labels),
                               "source": clip.source_name, "identity": clip.identity}
@@ -482,14 +532,15 @@ def stage_shard(spec: ShardSpec) -> ShardResult:
         result = ShardResult(
             spec.name, spec.key, spec.split,
             tuple((c.id, offset, length, c.identity) for c, (offset, length) in zip(kept, written.ranges)),
-            size, sha256, tuple(quarantined), reused=False, **counts, cpu_seconds=time.process_time() - cpu_start,
+            size, sha256, tuple(quarantined), tuple(warnings), reused=False, **counts,
+            cpu_seconds=time.process_time() - cpu_start,
         )
         if written.ranges:
             store.put_file(f"{SHARDS_DIR}/{spec.name}.tar", tar_path)
     # The record goes last: its presence means the shard is complete.
     store.write_bytes(f"{SHARDS_DIR}/{spec.name}.json", result.record())
-    log.info("%s: %d clips (%d decoded, %d copied), %d quarantined", spec.name, len(result.samples),
-             result.decoded, result.copied, len(quarantined))
+    log.info("%s: %d clips (%d decoded, %d copied), %d quarantined, %d staged with a warning", spec.name,
+             len(result.samples), result.decoded, result.copied, len(quarantined), len(warnings))
     return result
 
 
@@ -558,7 +609,7 @@ def _decode_clip(clip: PlannedClip, work: Path, counts: dict[str, int]) -> dict[
         frames = [resize_and_crop(load_frame(p)) for p in clip.frames]
     if waveform.numel() < WINDOW_SAMPLES:
         raise DecodeError(clip.sources[0], f"audio too short ({waveform.numel()} samples at 16 kHz)")
-    return {"wav": encode_wav(waveform), **{f"{i}.jpg": encode_frame(frame) for i, frame in enumerate(frames)}}
+    return {"wav": encode_wav(waveform[:STAGED_AUDIO_SAMPLES]), **{f"{i}.jpg": encode_frame(frame) for i, frame in enumerate(frames)}}
 
 
 def _local_source(location: str, work: Path, counts: dict[str, int]) -> Path:
@@ -587,7 +638,13 @@ def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult]) -> Stagi
     store = plan.store
     quarantined = sorted((clip_id, specs[name].slot, source, reason)
                          for name, r in by_name.items() for clip_id, source, reason in r.quarantined)
-    _write_quarantine(store, quarantined)
+    warnings = sorted((clip_id, specs[name].slot, source, reason)
+                      for name, r in by_name.items() for clip_id, source, reason in r.warnings)
+    _write_quarantine(store, quarantined, warnings)
+    for clip_id, slot, source, reason in warnings[:5]:
+        log.warning("staged %s (%s, shard %s) with a warning: %s", clip_id, source, slot, reason)
+    if len(warnings) > 5:
+        log.warning("... and %d more clips staged with a warning; see %s", len(warnings) - 5, store.uri(QUARANTINE_NAME))
     total = plan.num_clips
     bad_fraction = len(quarantined) / total if total else 1.0
     max_bad_fraction = plan.request.max_bad_fraction
@@ -603,7 +660,8 @@ def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult]) -> Stagi
     table = _clip_table(plan, built, specs)
     store.write_bytes(CLASSES_NAME, class_labels_csv(plan.classes).encode())
     extra = {"source": plan.source, "clips_per_shard": plan.request.clips_per_shard, "quarantined": len(quarantined),
-             "staging_format": STAGING_FORMAT}
+             "staged_with_warning": len(warnings), "staging_format": STAGING_FORMAT,
+             "audio_samples": STAGED_AUDIO_SAMPLES}
     index = write_index(store, plan.classes, plan.multi_label, shards, table, extra)
     _prune(store, index, plan.previous, set(by_name))
     results_list = list(by_name.values())
@@ -614,6 +672,7 @@ def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult]) -> Stagi
         decoded=sum(r.decoded for r in results_list),
         copied=sum(r.copied for r in results_list),
         quarantined=quarantined,
+        warnings=warnings,
         fetched_objects=sum(r.fetched_objects for r in results_list),
         fetched_bytes=sum(r.fetched_bytes for r in results_list),
         cpu_seconds=sum(r.cpu_seconds for r in results_list),
@@ -662,11 +721,15 @@ def _prune(store: Store, index: DatasetIndex, previous: DatasetIndex | None, cur
         store.delete(stale)
 
 
-def _write_quarantine(store: Store, rows: Sequence[tuple[str, str, str, str]]) -> None:
+def _write_quarantine(store: Store, quarantined: Sequence[tuple[str, str, str, str]],
+                      warnings: Sequence[tuple[str, str, str, str]]) -> None:
+    """Every clip left out (``action`` quarantined) or staged despite a problem (``action``
+    staged with warning), with its shard slot, source and reason."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["clip_id", "shard", "source", "reason"])
-    writer.writerows(rows)
+    writer.writerow(["clip_id", "shard", "source", "reason", "action"])
+    writer.writerows([*row, "quarantined"] for row in quarantined)
+    writer.writerows([*row, "staged with warning"] for row in warnings)
     store.write_bytes(QUARANTINE_NAME, buffer.getvalue().encode())
 
 

@@ -21,10 +21,14 @@ Resilience: no tracking failure stops training. A call MLflow does not accept (s
 timeout, rejected request) logs ONE warning for the outage and puts the tracker in degraded
 mode: from then on every record is appended to ``<output_dir>/tracking_spool.jsonl``. The
 spool holds exactly the records MLflow has not accepted, in order: it is empty while MLflow
-is healthy (the MLflow store is the copy then). Every ``reconnect_interval_s`` and at
-:meth:`Tracker.finish` the tracker re-sends the spool (:meth:`Tracker.replay_spool`); once
-all of it is accepted, the spool is emptied and tracking is live again. A tracker started in
-an output directory with a non-empty spool (a restart after an outage) re-sends it first.
+is healthy (the MLflow store is the copy then). The tracker re-sends the spool
+(:meth:`Tracker.replay_spool`) on a backoff while the run goes on (``first_retry_s``, then
+doubling up to ``reconnect_interval_s``) and at :meth:`Tracker.finish`; once all of it is
+accepted, the spool is emptied and tracking is live again. A tracker started in an output
+directory with a non-empty spool (a restart after an outage) re-sends it first, and
+:func:`sync_spool` (``avsiam tracking sync RUN_DIR``, also run by the next flow run for its
+stage folders) delivers what a process that has ended left behind. Each spooled record names
+its tracking URI, redacted, so a sync cannot send a run's records to another server.
 Re-sending is idempotent: metrics carry their original timestamps (MLflow drops exact
 duplicates), params go through the same only-new-keys rule, tags and artifacts overwrite.
 Records of a run whose creation never reached MLflow carry no run id; they go to the run
@@ -40,7 +44,7 @@ them: ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` se
 user win.
 
 Credentials never leave the process: :attr:`Tracker.tracking_uri` and every logged message
-go through :func:`redact_credentials`, and the spool holds no URI.
+go through :func:`redact_credentials`, and the spool holds only the redacted URI.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ LOCAL_ARTIFACTS_NAME = "mlartifacts"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 PARAM_CHANGED_TAG_PREFIX = "avsiam.param_changed."
 MAX_TAG_VALUE_LENGTH = 8000  # MLflow rejects longer tag values
-DEFAULT_RECONNECT_INTERVAL_S = 300.0
+DEFAULT_FIRST_RETRY_S = 5.0
+DEFAULT_RECONNECT_INTERVAL_S = 120.0  # the longest wait between two delivery attempts
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 Record = dict[str, Any]
@@ -174,6 +179,7 @@ class Tracker:
         spool: Spool,
         run_id: str | None,
         reconnect_interval_s: float = DEFAULT_RECONNECT_INTERVAL_S,
+        first_retry_s: float = DEFAULT_FIRST_RETRY_S,
     ) -> None:
         self._uri = tracking_uri
         self.tracking_uri = redact_credentials(tracking_uri)
@@ -181,6 +187,8 @@ class Tracker:
         self._spool = spool
         self._client: MlflowClient | None = None
         self._reconnect_interval_s = reconnect_interval_s
+        self._first_retry_s = first_retry_s
+        self._retry_s = min(first_retry_s, reconnect_interval_s)
         # Records left by an earlier process are undelivered: behave as degraded with a
         # reconnect due now, so the first call re-sends them before anything new.
         self._degraded = spool.path.exists()
@@ -198,6 +206,7 @@ class Tracker:
         tags: Mapping[str, object] | None = None,
         parent_run_id: str | None = None,
         reconnect_interval_s: float = DEFAULT_RECONNECT_INTERVAL_S,
+        first_retry_s: float = DEFAULT_FIRST_RETRY_S,
     ) -> Tracker:
         """Open (create or re-open) the run for the training writing to ``output_dir``; never raises
         for a tracking failure."""
@@ -209,6 +218,7 @@ class Tracker:
             spool=Spool(output_dir / SPOOL_NAME),
             run_id=run_id or os.environ.get("MLFLOW_RUN_ID") or None,
             reconnect_interval_s=reconnect_interval_s,
+            first_retry_s=first_retry_s,
         )
         run_tags = {**(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
         tracker._submit(
@@ -271,6 +281,7 @@ class Tracker:
         if sent or self._outage_reported:
             _log.info("MLflow tracking at %s accepts records again; re-sent %d spooled records", self.tracking_uri, sent)
         self._degraded = self._outage_reported = False
+        self._retry_s = min(self._first_retry_s, self._reconnect_interval_s)
         return sent
 
     def __enter__(self) -> Tracker:
@@ -286,6 +297,7 @@ class Tracker:
 
     def _submit(self, record: Record, *, reconnect_now: bool = False) -> None:
         record["run_id"] = self.run_id
+        record["tracking_uri"] = self.tracking_uri  # redacted: where a later sync must send it
         if self._degraded:
             self._spool.append(record)
             if reconnect_now or time.monotonic() >= self._next_reconnect:
@@ -302,7 +314,8 @@ class Tracker:
 
     def _enter_degraded(self, exc: Exception) -> None:
         self._degraded = True
-        self._next_reconnect = time.monotonic() + self._reconnect_interval_s
+        self._next_reconnect = time.monotonic() + self._retry_s
+        self._retry_s = min(2 * self._retry_s, self._reconnect_interval_s)
         # The first line only: some MLflow errors go on with paragraphs of advice.
         first_line = next(iter(str(exc).strip().splitlines()), "")
         reason = redact_credentials(f"{type(exc).__name__}: {first_line}")[:500]
@@ -312,11 +325,12 @@ class Tracker:
         self._outage_reported = True
         _log.warning(
             "MLflow tracking at %s failed (%s); training continues, tracking records are kept in %s "
-            "and re-sent every %.0f s until MLflow accepts them",
+            "and re-sent (every %.0f s at most) until MLflow accepts them, or by `avsiam tracking sync %s`",
             self.tracking_uri,
             reason,
             self._spool.path,
             self._reconnect_interval_s,
+            self._spool.path.parent,
         )
 
     def _mlflow(self) -> MlflowClient:
@@ -417,6 +431,37 @@ def metric_key(name: str) -> str:
     """``name`` with the characters MLflow refuses in metric names (e.g. "@") replaced by "_":
     one rejected name would otherwise hold back every record after it."""
     return _INVALID_METRIC_CHARS.sub("_", name)
+
+
+class SyncError(RuntimeError):
+    """A spool cannot be delivered where the configuration points (the message says why)."""
+
+
+def sync_spool(output_dir: str | Path) -> tuple[int, int]:
+    """Deliver the tracking records a process left in ``output_dir``'s spool to the server they
+    were meant for; returns (records sent, records still spooled). Never raises for an outage;
+    raises :class:`SyncError` when ``MLFLOW_TRACKING_URI`` names another server than the one
+    the records were logged for (or is missing where that one had credentials)."""
+    output_dir = Path(output_dir).resolve()
+    spool = Spool(output_dir / SPOOL_NAME)
+    records = spool.read()
+    if not records:
+        return 0, 0
+    recorded = next((r["tracking_uri"] for r in records if r.get("tracking_uri")), None)
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured is None:
+        if recorded is not None and "***" in recorded:
+            raise SyncError(f"{spool.path}: its records belong to {recorded}; set MLFLOW_TRACKING_URI to it (with credentials)")
+        uri = recorded or f"sqlite:///{output_dir / LOCAL_STORE_NAME}"
+    else:
+        uri = configured
+        if recorded is not None and redact_credentials(configured) != recorded:
+            raise SyncError(f"{spool.path}: its records belong to {recorded}, not to MLFLOW_TRACKING_URI "
+                            f"{redact_credentials(configured)}")
+    run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
+    tracker = Tracker(uri, spool=spool, run_id=run_id)
+    sent = tracker.replay_spool()
+    return sent, len(records) - sent
 
 
 class NullTracker:

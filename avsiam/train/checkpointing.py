@@ -54,7 +54,7 @@ def prune(checkpoint_dir: Path, keep: int, protect: set[str], env: DistEnv) -> N
 def consolidate(checkpoint_dir: Path, tag: str, out_path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Write the fp32 weights of checkpoint ``tag`` to ``out_path`` (safetensors); return them."""
     if zero_stage == 0:
-        state = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

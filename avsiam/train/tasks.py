@@ -22,6 +22,7 @@ from avsiam.eval.retrieval import retrieval_recall
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
 from avsiam.model.finetune import draw_training_head
 from avsiam.train.distributed import DistEnv
+from avsiam.train.divergence import require_finite
 
 # Parameter-name prefixes of the groups that get their own lr multiplier.
 HEAD_PREFIX = "heads."
@@ -37,6 +38,7 @@ class StepContext:
     shared: torch.Generator
     device: torch.device
     dtype: torch.dtype
+    step: int  # the optimizer steps taken before this micro-step
 
 
 def _to(batch: dict[str, Any], key: str, ctx: StepContext) -> torch.Tensor:
@@ -100,6 +102,7 @@ class PretrainTask(Task):
     def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict[str, float]:
         """Audio-visual retrieval recall@k on held-out clips: did pretraining learn anything?"""
         audio, visual = embed_clips(model.encoder, loader, device=ctx.device, dtype=ctx.dtype)
+        require_finite({"audio embeddings": audio, "visual embeddings": visual}, ctx.step, "validation")
         return retrieval_recall(audio, visual)
 
     selection_metric = "a2v_R1"
@@ -134,6 +137,7 @@ class FinetuneTask(Task):
     def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict[str, float]:
         multi_label = self.index.multi_label
         probs = predict_probabilities(model, loader, multi_label=multi_label, device=ctx.device, dtype=ctx.dtype)
+        require_finite({f"{head} probabilities": p for head, p in probs.items()}, ctx.step, "validation")
         results = evaluation_results(probs, loader.dataset.exact_targets(), multi_label)
         return {k: v for k, v in results.items() if isinstance(v, float)}
 
@@ -160,4 +164,5 @@ def step_context(seed: int, env: DistEnv, global_step: int, micro_step: int, dev
         shared=torch.Generator().manual_seed(mix_seed(seed, 2, global_step, micro_step)),
         device=torch.device(device),
         dtype=dtype,
+        step=global_step,
     )

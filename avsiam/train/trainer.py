@@ -17,7 +17,9 @@ fp16 / bf16 from the recipe) and trains epoch by epoch:
 * finetuning validates on the held-out ``val`` split at each epoch end and selects the best
   epoch; pretraining reports retrieval recall@k on it;
 * at the end the selected checkpoint is consolidated with DeepSpeed's ``zero_to_fp32`` into
-  ``weights.safetensors`` (fp32), loadable at any world size.
+  ``weights.safetensors`` (fp32), loadable at any world size;
+* a diverged run (``avsiam.train.divergence``) stops at the step it diverged on every rank,
+  writes no weights or summary, and its tracking run ends FAILED, as on any other exception.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from avsiam.data.sampler import DistributedClipSampler, mix_seed
 from avsiam.tracking import flatten_params, make_tracker
 from avsiam.train import checkpointing
 from avsiam.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, init_distributed, on_cpu
+from avsiam.train.divergence import DivergenceGuard, from_deepspeed
 from avsiam.train.ds_config import deepspeed_config
 from avsiam.train.metrics_log import JsonlLog, StepTimer, peak_memory_mb
 from avsiam.train.tasks import make_task, step_context
@@ -123,84 +126,99 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
         tags={"avsiam.stage": recipe.stage, "avsiam.recipe": recipe.recipe, "avsiam.model": recipe.model,
               "avsiam.version": __version__, "avsiam.dataset_digest": index.dataset_digest},
     )
-    tracker.log_params({**flatten_params(recipe.model_dump(mode="json")), "world_size": env.world_size,
-                        "steps_per_epoch": steps_per_epoch, "dataset_digest": index.dataset_digest})
+    try:
+        tracker.log_params({**flatten_params(recipe.model_dump(mode="json")), "world_size": env.world_size,
+                            "steps_per_epoch": steps_per_epoch, "dataset_digest": index.dataset_digest})
 
-    epoch = int(state.get("epoch", 1))
-    step_in_epoch = int(state.get("step_in_epoch", 0))
-    global_step = int(state.get("global_step", 0))
-    history: list[dict[str, Any]] = list(state.get("history", []))
-    elapsed_before = float(state.get("elapsed_seconds", 0.0))
-    started = time.perf_counter()
-    metrics_log = JsonlLog(output / "metrics.jsonl", resume_after_step=global_step if resume_tag else None) if env.is_main else None
+        epoch = int(state.get("epoch", 1))
+        step_in_epoch = int(state.get("step_in_epoch", 0))
+        global_step = int(state.get("global_step", 0))
+        history: list[dict[str, Any]] = list(state.get("history", []))
+        elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        started = time.perf_counter()
+        metrics_log = JsonlLog(output / "metrics.jsonl", resume_after_step=global_step if resume_tag else None) if env.is_main else None
+        guard = DivergenceGuard(recipe.precision)
+        guard.load_state_dict(state.get("divergence", {}))
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - started
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - started
 
-    def save(next_epoch: int, next_step: int) -> str:
-        client_state = {
-            "epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
-            "sampler": {"epoch": next_epoch, "start": next_step * per_step, "seed": recipe.seed},
-            "rng": {"torch": torch.get_rng_state()},  # informational: step RNG is derived, not stateful
-            "tracking_run_id": tracker.run_id, "elapsed_seconds": elapsed(), "world_size": env.world_size,
-            "history": history,
-        }
-        tag = checkpointing.save(engine, checkpoint_dir, global_step, client_state)
-        checkpointing.prune(checkpoint_dir, recipe.keep_checkpoints, _protected(history, task.selection_metric), env)
-        return tag
-
-    # One loader for the whole run: its workers persist across epochs (the sampler runs in this
-    # process, so set_epoch before each iter() still decides every epoch's order).
-    loader = DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, sampler=sampler, num_workers=recipe.num_workers,
-                        drop_last=True, pin_memory=not cpu, persistent_workers=recipe.num_workers > 0)
-    engine.train()
-    while epoch <= recipe.epochs and global_step < total_steps:
-        epoch_lr = lr_at_epoch(recipe, epoch)
-        sampler.set_epoch(epoch, start=step_in_epoch * per_step)
-        batches = iter(loader)
-        timer = StepTimer()
-        while step_in_epoch < steps_per_epoch and global_step < total_steps:
-            lr = epoch_lr * min(1.0, (global_step + 1) / recipe.warmup_steps) if recipe.warmup_steps else epoch_lr
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            losses, extras = [], {}
-            for micro in range(recipe.gradient_accumulation_steps):
-                batch = next(batches)
-                timer.data_ready()
-                ctx = step_context(recipe.seed, env, global_step, micro, device, dtype)
-                loss, extras = task.step_loss(engine, batch, ctx)
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.detach().float())
-                timer.compute_done()
-            global_step += 1
-            step_in_epoch += 1
-            step_seconds, wait = timer.lap()
-            mean_loss = float(all_reduce_mean(torch.stack(losses).mean()))
-            record = {
-                "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                "samples_per_s": per_step * env.world_size / step_seconds, "step_time_s": step_seconds,
-                "data_wait_s": wait, "peak_memory_mb": peak_memory_mb(cpu), **extras,
+        def save(next_epoch: int, next_step: int) -> str:
+            client_state = {
+                "epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
+                "sampler": {"epoch": next_epoch, "start": next_step * per_step, "seed": recipe.seed},
+                "rng": {"torch": torch.get_rng_state()},  # informational: step RNG is derived, not stateful
+                "tracking_run_id": tracker.run_id, "elapsed_seconds": elapsed(), "world_size": env.world_size,
+                "history": history, "divergence": guard.state_dict(),
             }
-            if metrics_log:
-                metrics_log.write(record)
-            numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-            tracker.log_metrics(numeric, step=global_step)
-            if recipe.checkpoint_every and global_step % recipe.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                save(epoch, step_in_epoch)
-            timer.restart()
-        if step_in_epoch < steps_per_epoch:  # stopped by max_steps inside the epoch
-            save(epoch, step_in_epoch)
-            break
-        summary = {"epoch": epoch, "global_step": global_step, "tag": checkpointing.step_tag(global_step)}
-        if val_loader is not None:
-            summary.update(task.validate(engine.module, val_loader, step_context(recipe.seed, env, global_step, 0, device, dtype)))
-            tracker.log_metrics({f"val_{k}": v for k, v in summary.items() if isinstance(v, float)}, step=global_step)
-        history.append(summary)
-        epoch, step_in_epoch = epoch + 1, 0
-        save(epoch, 0)
+            tag = checkpointing.save(engine, checkpoint_dir, global_step, client_state)
+            checkpointing.prune(checkpoint_dir, recipe.keep_checkpoints, _protected(history, task.selection_metric), env)
+            return tag
 
-    return _finish(recipe, task, env, engine, tracker, output, checkpoint_dir, history, global_step, elapsed(), index)
+        # One loader for the whole run: its workers persist across epochs (the sampler runs in this
+        # process, so set_epoch before each iter() still decides every epoch's order).
+        loader = DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, sampler=sampler, num_workers=recipe.num_workers,
+                            drop_last=True, pin_memory=not cpu, persistent_workers=recipe.num_workers > 0)
+        engine.train()
+        while epoch <= recipe.epochs and global_step < total_steps:
+            epoch_lr = lr_at_epoch(recipe, epoch)
+            sampler.set_epoch(epoch, start=step_in_epoch * per_step)
+            batches = iter(loader)
+            timer = StepTimer()
+            while step_in_epoch < steps_per_epoch and global_step < total_steps:
+                lr = epoch_lr * min(1.0, (global_step + 1) / recipe.warmup_steps) if recipe.warmup_steps else epoch_lr
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                losses, extras = [], {}
+                for micro in range(recipe.gradient_accumulation_steps):
+                    batch = next(batches)
+                    timer.data_ready()
+                    ctx = step_context(recipe.seed, env, global_step, micro, device, dtype)
+                    loss, extras = task.step_loss(engine, batch, ctx)
+                    engine.backward(loss)
+                    try:
+                        engine.step()
+                    except Exception as exc:
+                        if diverged := from_deepspeed(exc, global_step + 1, lr):
+                            raise diverged from exc
+                        raise
+                    losses.append(loss.detach().float())
+                    timer.compute_done()
+                global_step += 1
+                step_in_epoch += 1
+                step_seconds, wait = timer.lap()
+                mean_loss = float(all_reduce_mean(torch.stack(losses).mean()))
+                record = {
+                    "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                    "samples_per_s": per_step * env.world_size / step_seconds, "step_time_s": step_seconds,
+                    "data_wait_s": wait, "peak_memory_mb": peak_memory_mb(cpu), **extras,
+                }
+                if metrics_log:
+                    metrics_log.write(record)
+                numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+                tracker.log_metrics(numeric, step=global_step)
+                grad_norm = engine.get_global_grad_norm()  # a tensor under ZeRO 1/2, None where not computed
+                guard.check_step(global_step, mean_loss, lr, None if grad_norm is None else float(grad_norm))
+                if recipe.checkpoint_every and global_step % recipe.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    save(epoch, step_in_epoch)
+                timer.restart()
+            if step_in_epoch < steps_per_epoch:  # stopped by max_steps inside the epoch
+                save(epoch, step_in_epoch)
+                break
+            summary = {"epoch": epoch, "global_step": global_step, "tag": checkpointing.step_tag(global_step)}
+            if val_loader is not None:
+                summary.update(task.validate(engine.module, val_loader, step_context(recipe.seed, env, global_step, 0, device, dtype)))
+                tracker.log_metrics({f"val_{k}": v for k, v in summary.items() if isinstance(v, float)}, step=global_step)
+            history.append(summary)
+            epoch, step_in_epoch = epoch + 1, 0
+            save(epoch, 0)
+
+        return _finish(recipe, task, env, engine, tracker, output, checkpoint_dir, history, global_step, elapsed(), index)
+    except BaseException as exc:
+        # The run's end, whatever ended it: a divergence, a bug, a lost rank (Ctrl-C: KILLED).
+        tracker.set_tags({"avsiam.failure": f"{type(exc).__name__}: {exc}"})
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def _protected(history: list[dict[str, Any]], metric: str) -> set[str]:
