@@ -19,7 +19,7 @@ from prefect.filesystems import LocalFileSystem
 
 from avsiam import __version__
 from avsiam.config import resolve_recipe
-from avsiam.tracking import redact_credentials
+from avsiam.tracking import Tracker, redact_credentials
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings, PipelineConfig, StageName, StageOverrides, resolve_pipeline
 from flows.stages import EvalManifest, TrainManifest, evaluate_stage, stage_data, stage_key, train_stage
@@ -94,6 +94,7 @@ def avsiam_pipeline(
     results_store: str | None = None,
     data_store: str | None = None,
     ray_address: str | None = None,
+    tracking_required: bool = False,
 ) -> dict[str, Any]:
     """Run the AVSiam pipeline for ``profile`` (demo, paper-base, paper-large, paper-huge);
     explicit parameters override the profile's values. ``checkpoint_store``: an s3:// prefix
@@ -101,7 +102,9 @@ def avsiam_pipeline(
     ``results_store``: an s3:// prefix for the stage cache records (default: output_dir);
     ``data_store``: a folder or s3:// prefix the staged shards go to (default: output_dir/data),
     which training then reads; ``ray_address``: the Ray cluster staging runs on (``auto``,
-    ``ray://head:10001``; default: a temporary local cluster of each source's ``workers`` CPUs)."""
+    ``ray://head:10001``; default: a temporary local cluster of each source's ``workers`` CPUs);
+    ``tracking_required``: fail within seconds when MLflow is unreachable, instead of running
+    with tracking deferred (records spooled in the run folders, sent when MLflow is back)."""
     log = get_run_logger()
     config = resolve_pipeline(profile, output_dir, model=model, dataset=dataset, finetune_datasets=finetune_datasets,
                               pretrain_recipe=pretrain_recipe, finetune_recipes=finetune_recipes, launcher=launcher,
@@ -110,26 +113,35 @@ def avsiam_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     _check_stores(config, checkpoint_store, results_store, data_store)
     tracking_uri = mlflow_runs.ensure_tracking_uri(out)
-    mlflow_runs.sync_stage_spools(out, log)
+    if tracking_required:
+        mlflow_runs.require_reachable(tracking_uri)
+    mlflow_runs.sync_earlier_spools(out, log)
     storage = _result_storage(out, results_store)
     ctx = get_run_context()
     deployment = getattr(ctx.flow_run, "deployment_id", None)
-    parent = mlflow_runs.parent_run(str(ctx.flow_run.id), {
+    parent = mlflow_runs.parent_run(out, str(ctx.flow_run.id), {
         "avsiam.profile": profile, "avsiam.version": __version__, "avsiam.model": config.model,
         "prefect.deployment_id": str(deployment or ""), "prefect.flow_run_name": ctx.flow_run.name,
     })
-    mlflow_runs.log_params_once(parent, config.model_dump(mode="json"))
-    log.info("MLflow: %s (parent run %s)", redact_credentials(tracking_uri), parent)
+    parent.log_params(config.model_dump(mode="json"))
+    log.info("MLflow: %s (parent run %s)", redact_credentials(tracking_uri), parent.run_id or "not created yet: MLflow unreachable")
     try:
         summary = _run_stages(config, out, storage, parent, checkpoint_store, data_store, ray_address)
     except BaseException:
-        mlflow_runs.finish(parent, failed=True)
+        parent.finish("FAILED")
         raise
-    mlflow_runs.finish(parent)
+    parent.finish()
+    summary["mlflow_parent_run_id"] = parent.run_id
+    deferred = mlflow_runs.deferred_records(out)
+    summary["tracking"] = f"deferred: {deferred} records spooled" if deferred else "live"
+    if deferred:
+        log.warning("tracking deferred: MLflow at %s did not accept %d records; they are kept in the run folders and sent "
+                    "when it is back (by the next flow run, or now: avsiam tracking sync %s)",
+                    redact_credentials(tracking_uri), deferred, out)
     return summary
 
 
-def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpoint_store: str | None,
+def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, checkpoint_store: str | None,
                 data_store: str | None, ray_address: str | None) -> dict[str, Any]:
     datasets: dict[str, Any] = {}
 
@@ -142,19 +154,19 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpo
         if key not in datasets:
             location = f"{data_store.rstrip('/')}/{folder}" if data_store else str(out / "data" / folder / "staged")
             datasets[key] = _with_options(stage_data, "stage_data", config, storage)(
-                key=key, source=source, data_dir=str(out / "data" / folder), staged=location, parent_run_id=parent,
+                key=key, source=source, data_dir=str(out / "data" / folder), staged=location, parent_dir=str(parent.output_dir),
                 ray_address=ray_address)
         return datasets[key]
 
     pre_data = staged(config.dataset)
-    mlflow_runs.set_tags(parent, {"avsiam.dataset_digest": pre_data.dataset_digest})
+    parent.set_tags({"avsiam.dataset_digest": pre_data.dataset_digest})
     pre_recipe = resolve_recipe(config.model, config.pretrain_recipe, config.overrides.pretrain, variant=config.variant)
     pre_key = stage_key("pretrain", {"recipe": pre_recipe.model_dump(mode="json", exclude={"num_workers", "checkpoint_every"}),
                                      "data": pre_data.dataset_digest})
     pretrained: TrainManifest = _with_options(train_stage, "pretrain", config, storage)(
         key=pre_key, stage="pretrain", model=config.model, recipe=config.pretrain_recipe, overrides=config.overrides.pretrain,
         variant=config.variant, data=pre_data, init=None, run_dir=str(out / "pretrain" / pre_key[:16]),
-        launcher=config.launcher_for("pretrain"), parent_run_id=parent, checkpoint_store=checkpoint_store)
+        launcher=config.launcher_for("pretrain"), parent_dir=str(parent.output_dir), checkpoint_store=checkpoint_store)
 
     evaluations: list[EvalManifest] = []
     stage_hours = {"pretrain": pretrained.gpu_hours}
@@ -166,23 +178,26 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: str, checkpo
         finetuned: TrainManifest = _with_options(train_stage, "finetune", config, storage)(
             key=ft_key, stage="finetune", model=config.model, recipe=recipe_name, overrides=config.overrides.finetune,
             variant=config.variant, data=data, init=pretrained, run_dir=str(out / "finetune" / recipe_name / ft_key[:16]),
-            launcher=config.launcher_for("finetune"), parent_run_id=parent, checkpoint_store=checkpoint_store)
+            launcher=config.launcher_for("finetune"), parent_dir=str(parent.output_dir), checkpoint_store=checkpoint_store)
         stage_hours[f"finetune:{recipe_name}"] = finetuned.gpu_hours
         ev_key = stage_key("evaluate", {"recipe": recipe_name, "model": config.model, "variant": config.variant,
                                         "data": data.dataset_digest, "weights": finetuned.weights_digest})
         evaluation = _with_options(evaluate_stage, "evaluate", config, storage)(
             key=ev_key, model=config.model, recipe=recipe_name, overrides=config.overrides.finetune, variant=config.variant,
-            data=data, finetuned=finetuned, run_dir=str(out / "evaluate" / recipe_name / ev_key[:16]), parent_run_id=parent)
-        mlflow_runs.log_metrics(evaluation.mlflow_run_id, {"pipeline_gpu_hours": pretrained.gpu_hours + finetuned.gpu_hours})
+            data=data, finetuned=finetuned, run_dir=str(out / "evaluate" / recipe_name / ev_key[:16]), parent_dir=str(parent.output_dir))
+        evaluate_run = mlflow_runs.stage_run(Path(evaluation.run_dir), str(parent.output_dir), "evaluate", {},
+                                             run_id=evaluation.mlflow_run_id)
+        evaluate_run.log_metrics({"pipeline_gpu_hours": pretrained.gpu_hours + finetuned.gpu_hours})
+        evaluate_run.finish()
         evaluations.append(evaluation)
 
     total = sum(stage_hours.values())
     headline = {f"{e.recipe}.{e.metric}": e.results[e.metric] for e in evaluations}
-    mlflow_runs.log_metrics(parent, {"gpu_hours_total": total, **headline})
+    parent.log_metrics({"gpu_hours_total": total, **headline})
     table = _results_markdown(config, evaluations, stage_hours)
     create_markdown_artifact(key="avsiam-results", markdown=table, description="AVSiam pipeline results and GPU-hours")
     return {
-        "output_dir": str(out), "mlflow_parent_run_id": parent, "gpu_hours_total": total, "stage_gpu_hours": stage_hours,
+        "output_dir": str(out), "gpu_hours_total": total, "stage_gpu_hours": stage_hours,
         "pretrain": pretrained.model_dump(), "results": {e.recipe: e.results for e in evaluations}, "results_markdown": table,
     }
 

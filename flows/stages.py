@@ -35,7 +35,7 @@ class DataManifest(BaseModel):
     shards: int
     quarantined: int
     multi_label: bool
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None while its creation waits in the spool (MLflow unreachable)
 
 
 class TrainManifest(BaseModel):
@@ -47,7 +47,7 @@ class TrainManifest(BaseModel):
     checkpoint_uri: str
     gpu_hours: float
     final_validation: dict[str, Any] = {}
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None while its creation waits in the spool (MLflow unreachable)
 
 
 class EvalManifest(BaseModel):
@@ -55,7 +55,7 @@ class EvalManifest(BaseModel):
     run_dir: str
     metric: str
     results: dict[str, Any]
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None while its creation waits in the spool (MLflow unreachable)
 
 
 def stage_key(stage: str, payload: Any) -> str:
@@ -95,7 +95,7 @@ def _run_command(entry: list[str], launcher: LauncherSettings | None, env: dict[
 
 
 @task(name="stage_data", cache_key_fn=_key_from_parameters, persist_result=True)
-def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, parent_run_id: str,
+def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, parent_dir: str,
                ray_address: str | None = None) -> DataManifest:
     """Materialise the source (generate, or fetch its label files from S3) and stage it into
     ``staged`` (a folder or s3:// prefix) with the staging flow: one task per shard on Ray."""
@@ -104,34 +104,40 @@ def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, pare
 
     log = get_run_logger()
     root = Path(data_dir)
-    run_id = mlflow_runs.stage_run(root, parent_run_id, "stage_data", {"avsiam.source": source.source})
-    mlflow_runs.log_params_once(run_id, source.model_dump())
+    run = mlflow_runs.stage_run(root, parent_dir, "stage_data", {"avsiam.source": source.source})
+    run.log_params(source.model_dump())
     videos, labels, classes = _materialize(source, root, log)
     request = StagingRequest(labels=labels, out=staged, videos=videos, classes_csv=classes, val_fraction=source.val_fraction,
                              max_bad_fraction=source.max_bad_fraction, seed=source.synthetic.seed,
                              clips_per_shard=source.clips_per_shard)
-    summary = run_staging(request, address=ray_address, workers=source.workers)
-    mlflow_runs.log_metrics(run_id, {"num_clips": summary.num_clips, "quarantined": summary.quarantined,
-                                     "shards": summary.shards, "shards_built": summary.shards_built,
-                                     "clips_decoded": summary.decoded, "clips_copied": summary.copied})
-    mlflow_runs.set_tags(run_id, {"avsiam.dataset_digest": summary.dataset_digest, "avsiam.dataset": summary.location})
-    _log_dataset_files(run_id, summary.location)
-    mlflow_runs.finish(run_id)
+    try:
+        summary = run_staging(request, address=ray_address, workers=source.workers)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.log_metrics({"num_clips": summary.num_clips, "quarantined": summary.quarantined, "shards": summary.shards,
+                     "shards_built": summary.shards_built, "clips_decoded": summary.decoded, "clips_copied": summary.copied,
+                     "staged_with_warning": summary.staged_with_warning})
+    run.set_tags({"avsiam.dataset_digest": summary.dataset_digest, "avsiam.dataset": summary.location})
+    _log_dataset_files(run, summary.location, root)
+    run.finish()
     return DataManifest(location=summary.location, dataset_digest=summary.dataset_digest, num_clips=summary.num_clips,
                         splits=summary.splits, shards=summary.shards, quarantined=summary.quarantined,
-                        multi_label=summary.multi_label, mlflow_run_id=run_id)
+                        multi_label=summary.multi_label, mlflow_run_id=run.run_id)
 
 
-def _log_dataset_files(run_id: str, location: str) -> None:
-    """The index and the quarantine report as artifacts of the stage's MLflow run."""
-    import tempfile
-
+def _log_dataset_files(run, location: str, folder: Path) -> None:
+    """The index and the quarantine report as artifacts of the stage's MLflow run, copied into
+    the stage folder first: a spooled upload must still find its file after this task."""
     from avsiam.data.index import INDEX_NAME, QUARANTINE_NAME
     from avsiam.storage.store import open_store
 
     store = open_store(location)
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow_runs.log_artifacts(run_id, [store.readable_copy(name, Path(tmp)) for name in (INDEX_NAME, QUARANTINE_NAME)])
+    reports = folder / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    for name in (INDEX_NAME, QUARANTINE_NAME):
+        (reports / name).write_bytes(store.read_bytes(name))
+        run.log_artifact(reports / name)
 
 
 def _materialize(source: DatasetSource, root: Path, log) -> tuple[str, list[Path], Path | None]:
@@ -172,7 +178,7 @@ def train_stage(
     init: TrainManifest | None,
     run_dir: str,
     launcher: LauncherSettings,
-    parent_run_id: str,
+    parent_dir: str,
     checkpoint_store: str | None = None,
 ) -> TrainManifest:
     """Pretrain or finetune through the training engine; resumes from the run folder's checkpoint."""
@@ -180,14 +186,15 @@ def train_stage(
 
     log = get_run_logger()
     out = Path(run_dir)
-    run_id = mlflow_runs.stage_run(out, parent_run_id, stage, {"avsiam.recipe": recipe, "avsiam.model": model,
-                                                               "avsiam.dataset_digest": data.dataset_digest})
+    tags = {"avsiam.recipe": recipe, "avsiam.model": model, "avsiam.dataset_digest": data.dataset_digest}
+    mlflow_runs.stage_run(out, parent_dir, stage, tags)  # the run the training process finds in its folder
     entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.location, "--output", str(out),
              *(["--init", init.weights_path] if init else []), *(["--variant", variant] if variant else []), *overrides]
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # the folder decides the run
     code = _run_command(entry, launcher, env, log.info)
+    run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # re-read: the training process may have created it
     if code != 0:
-        mlflow_runs.finish(run_id, failed=True)
+        run.finish("FAILED")
         if code == DIVERGED_EXIT_STATUS:
             raise RuntimeError(f"{stage} ({recipe}) diverged (the log above names the step); resuming would diverge again: "
                                "change the recipe (e.g. a lower lr override) and run the flow again")
@@ -201,41 +208,42 @@ def train_stage(
         checkpoint_uri = f"{checkpoint_store.rstrip('/')}/{stage}/{key[:16]}/checkpoints"
         sync_tree_to_s3(out / "checkpoints", checkpoint_uri)
     plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-    mlflow_runs.set_tags(run_id, {"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
-    mlflow_runs.log_artifacts(run_id, [out / "config.yaml", out / "summary.json", out / "loss_curve.png"])
-    mlflow_runs.log_artifacts(run_id, [weights], artifact_path="model")
-    mlflow_runs.finish(run_id)
+    run.set_tags({"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
+    for path in (out / "config.yaml", out / "summary.json", out / "loss_curve.png"):
+        run.log_artifact(path)
+    run.log_artifact(weights, artifact_path="model")
+    run.finish()
     return TrainManifest(stage=stage, recipe=recipe, run_dir=str(out), weights_path=str(weights),
                          weights_digest=_file_sha256(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
                          final_validation={k: v for k, v in summary.get("final_validation", {}).items() if isinstance(v, (int, float))},
-                         mlflow_run_id=run_id)
+                         mlflow_run_id=run.run_id)
 
 
 @task(name="evaluate", cache_key_fn=_key_from_parameters, persist_result=True)
 def evaluate_stage(
     key: str, model: str, recipe: str, overrides: list[str], variant: str | None, data: DataManifest,
-    finetuned: TrainManifest, run_dir: str, parent_run_id: str,
+    finetuned: TrainManifest, run_dir: str, parent_dir: str,
 ) -> EvalManifest:
     """Score the finetuned weights on the test split and log the report."""
     from avsiam.eval.plots import plot_per_class_ap
 
     log = get_run_logger()
     out = Path(run_dir)
-    run_id = mlflow_runs.stage_run(out, parent_run_id, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
-                                                                    "avsiam.dataset_digest": data.dataset_digest})
+    run = mlflow_runs.stage_run(out, parent_dir, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
+                                                              "avsiam.dataset_digest": data.dataset_digest})
     arch_overrides = [o for o in overrides if o.startswith("arch.")]  # evaluation needs the trained architecture
     entry = ["evaluate", "--model", model, "--recipe", recipe, "--weights", finetuned.weights_path, "--data", data.location,
              "--output", str(out), *(["--variant", variant] if variant else []), *arch_overrides]
     code = _run_command(entry, None, dict(os.environ), log.info)
     if code != 0:
-        mlflow_runs.finish(run_id, failed=True)
+        run.finish("FAILED")
         raise RuntimeError(f"evaluate ({recipe}) exited with code {code}")
     results = json.loads((out / "results.json").read_text())
     metrics = {k: v for k, v in results.items() if isinstance(v, float)}
-    mlflow_runs.log_params_once(run_id, {"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results["split"]})
-    mlflow_runs.log_metrics(run_id, metrics)
+    run.log_params({"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results["split"]})
+    run.log_metrics(metrics)
     plot_per_class_ap(out / "per_class.csv", out / "per_class_ap.png")
-    mlflow_runs.log_artifacts(run_id, [out / "results.json", out / "per_class.csv", out / "per_class_ap.png",
-                                       Path(finetuned.run_dir) / "loss_curve.png"])
-    mlflow_runs.finish(run_id)
-    return EvalManifest(recipe=recipe, run_dir=str(out), metric=results["metric"], results=results, mlflow_run_id=run_id)
+    for path in (out / "results.json", out / "per_class.csv", out / "per_class_ap.png", Path(finetuned.run_dir) / "loss_curve.png"):
+        run.log_artifact(path)
+    run.finish()
+    return EvalManifest(recipe=recipe, run_dir=str(out), metric=results["metric"], results=results, mlflow_run_id=run.run_id)

@@ -1,15 +1,20 @@
 """Helpers shared by test modules: the ``avsiam`` command in a subprocess, staging a synthetic
-dataset with the library."""
+dataset with the library, a real MLflow server that a test can stop and start."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 from avsiam.data.staging import StagingRequest, stage_dataset
 
@@ -35,3 +40,71 @@ def stage_synthetic(ds, out: Path, clips_per_shard: int = 8, workers: int = 1) -
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         stage_dataset(request, map_shards=pool.map)
     return out
+
+
+SERVER_START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on ``port``; stop and start
+    it again on the same port and database to make an outage."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # The server's job runner (extra worker processes) is not needed for tracking.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        log_path = self.root / "server.log"
+        with log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("mlflow")),
+                    "server",
+                    "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+                    "--artifacts-destination", str(self.root / "artifacts"),
+                    "--host", "127.0.0.1",
+                    "--port", str(self.port),
+                    "--workers", "1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.root,
+                # Its own process group, so that stopping it also stops the workers it spawns.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None

@@ -65,12 +65,17 @@ def test_prefect_yaml_declares_full_and_a_non_overlapping_scheduled_retrain():
 
 def test_a_local_sqlite_store_keeps_the_flows_artifacts_beside_its_database(tmp_path, monkeypatch):
     """Not in ./mlruns of whatever folder the flow runs from (MLflow's default)."""
+    from mlflow import MlflowClient
+
+    from avsiam.tracking.mlflow_tracker import local_artifact_location
     from flows import mlflow_runs
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     (tmp_path / "out").mkdir()
-    client = mlflow_runs.client()
-    experiment = client.get_experiment(mlflow_runs.experiment_id(client))
+    parent = mlflow_runs.parent_run(tmp_path / "out", "0123abcd", {"avsiam.profile": "demo"})
+    parent.finish()
+    experiment = MlflowClient(uri).get_experiment_by_name(mlflow_runs.EXPERIMENT)
     assert experiment.artifact_location == (tmp_path / "out" / "mlartifacts").as_uri()
-    assert mlflow_runs.local_artifact_location("http://127.0.0.1:5000") is None  # a server decides
+    assert local_artifact_location("http://127.0.0.1:5000") is None  # a server decides

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
+from helpers import MlflowServer, free_port
 from mlflow import MlflowClient
 
 from avsiam.config import resolve_recipe
@@ -35,72 +35,12 @@ from avsiam.tracking import (
 )
 from avsiam.tracking.flatten import TRUNCATION_MARKER
 
-SERVER_START_TIMEOUT_S = 120
-
 
 @pytest.fixture(autouse=True)
 def no_mlflow_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test decides the MLflow configuration; nothing leaks in from the shell."""
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
         monkeypatch.delenv(name, raising=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on ``port``; stop and start
-    it again on the same port and database to make an outage."""
-
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> MlflowServer:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        # The server's job runner (extra worker processes) is not needed for tracking.
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        log_path = self.root / "server.log"
-        with log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("mlflow")),
-                    "server",
-                    "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                    "--artifacts-destination", str(self.root / "artifacts"),
-                    "--host", "127.0.0.1",
-                    "--port", str(self.port),
-                    "--workers", "1",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.root,
-                # Its own process group, so that stopping it also stops the workers it spawns.
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(self.url):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is None:
-            return
-        os.killpg(self.process.pid, sig)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +51,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 @pytest.fixture

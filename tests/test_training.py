@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_the_same_numbers(staged_single, reference_run, tm
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [0, 1, 3])  # 0: consolidated from mp_rank_00_model_states.pt (weights_only)
 def test_zero_stages_give_the_same_losses(staged_single, reference_run, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
     pretrain(staged_single, out, "max_steps=3", "epochs=4", f"zero_stage={stage}")

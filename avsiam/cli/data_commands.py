@@ -8,7 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from avsiam.data.staging import DEFAULT_CLIPS_PER_SHARD
+# The staging module imports torch, torchaudio, PyAV and torchvision: seconds that every
+# `avsiam` command would pay at start-up for one default. Its defaults apply where an option
+# is left out.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "val", "test"], help="split for every clip (default: from the csv or the file name)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train clips held out as 'val' for model selection")
     p.add_argument("--max-bad-fraction", type=float, default=0.2, help="fail when more clips than this are bad")
-    p.add_argument("--clips-per-shard", type=int, default=DEFAULT_CLIPS_PER_SHARD,
-                   help=f"clips per shard (default {DEFAULT_CLIPS_PER_SHARD}: ~0.5 GB of AudioSet-sized clips)")
+    p.add_argument("--clips-per-shard", type=int,
+                   help="clips per shard (default: StagingRequest's, 1000 = ~0.5 GB of AudioSet-sized clips)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPUs of the temporary local Ray cluster")
     p.add_argument("--address", help="an existing Ray cluster (auto, or ray://head:10001) instead of a local one")
     p.add_argument("--silence-threshold-dbfs", type=float, default=-60.0,
@@ -78,8 +80,9 @@ def run_stage(args: argparse.Namespace) -> int:
     try:
         request = StagingRequest(labels=args.labels, out=args.out, videos=args.videos, classes_csv=args.classes,
                                  split=args.split, val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction,
-                                 seed=args.seed, clips_per_shard=args.clips_per_shard,
-                                 silence_threshold_dbfs=args.silence_threshold_dbfs, silent_audio=args.silent_audio)
+                                 seed=args.seed, silence_threshold_dbfs=args.silence_threshold_dbfs,
+                                 silent_audio=args.silent_audio,
+                                 **({"clips_per_shard": args.clips_per_shard} if args.clips_per_shard is not None else {}))
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise ConfigError(problems) from None

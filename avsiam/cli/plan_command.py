@@ -16,7 +16,6 @@ from rich.table import Table
 
 from avsiam.config import RECIPES, SIZES, resolve_recipe
 from avsiam.plan.hardware import GIB, KNOWN_GPUS, cluster_gpu, gpu_spec
-from avsiam.plan.planner import DEFAULT_UTILISATION, capacity_plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,12 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero", type=int, help="ZeRO stage 0-3 (default: the recipe's)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every transformer block")
     p.add_argument("--fused-attention", action="store_true", help="no N^2 attention scores stored (fused SDPA kernels)")
-    p.add_argument("--mfu", type=float, default=DEFAULT_UTILISATION, help="assumed utilisation of the peak (default %(default)s)")
+    p.add_argument("--mfu", type=float, help="assumed utilisation of the peak (default: the planner's DEFAULT_UTILISATION)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    # The planner builds models on the meta device (torch, timm): imported when planning, not
+    # at every `avsiam` start-up.
+    from avsiam.plan.planner import DEFAULT_UTILISATION, capacity_plan
+
     recipe = resolve_recipe(args.model, args.stage)
     gpu = gpu_spec(args.gpu) if args.gpu else cluster_gpu(recipe.gpu_type)
     plan = capacity_plan(
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         num_gpus=args.gpus,
         zero_stage=args.zero,
         activation_checkpointing=args.activation_checkpointing,
-        utilisation=args.mfu,
+        utilisation=DEFAULT_UTILISATION if args.mfu is None else args.mfu,
         fused_attention=args.fused_attention,
     )
     if args.json:

@@ -1,8 +1,9 @@
 """``avsiam tracking sync RUN_DIR...``: deliver the tracking records an MLflow outage left behind.
 
-A training or evaluation that lost its MLflow server keeps its records in
-``RUN_DIR/tracking_spool.jsonl`` and re-sends them while it runs and when it ends. When the
-server came back only after the process ended, this command sends them: to
+A training run or a pipeline flow that lost its MLflow server keeps its records in
+``tracking_spool.jsonl`` files in its folders and re-sends them while it runs and when it
+ends. When the server came back only after that, this command sends them (every spool at or
+under each RUN_DIR; parent runs before their children): to
 ``MLFLOW_TRACKING_URI``, which must be the server the records were logged for (without it, the
 server they name, where that URI holds no credentials). Exit status 1 while any folder still
 has undelivered records (the server is still down); run it again later.
@@ -21,28 +22,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     sync = actions.add_parser("sync", help="send the spooled records of run folders to MLflow", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    sync.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a training or evaluation output folder")
+    sync.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                      help="a training or evaluation output folder, or a pipeline's output folder (every spool under it)")
     sync.set_defaults(handler=run_sync)
 
 
 def run_sync(args: argparse.Namespace) -> int:
     from avsiam.config import ConfigError
-    from avsiam.tracking.mlflow_tracker import SPOOL_NAME, SyncError, sync_spool
+    from avsiam.tracking.mlflow_tracker import SyncError, spooled_folders, sync_spools
 
-    pending = 0
     for run_dir in args.run_dirs:
         if not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: not a run folder")
-        if not (run_dir / SPOOL_NAME).exists():
-            print(f"{run_dir}: nothing to send")
-            continue
-        try:
-            sent, left = sync_spool(run_dir)
-        except SyncError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{run_dir}: not a folder")
+    folders = spooled_folders(args.run_dirs)
+    if not folders:
+        print("nothing to send: no tracking spool in " + ", ".join(map(str, args.run_dirs)))
+        return 0
+    try:
+        results = sync_spools(folders)
+    except SyncError as exc:
+        raise ConfigError(str(exc)) from None
+    pending = 0
+    for folder, (sent, left) in results.items():
         pending += left
-        state = "all delivered" if not left else f"{left} still spooled (MLflow still unreachable; run this again later)"
-        print(f"{run_dir}: sent {sent} records, {state}")
+        state = "all delivered" if not left else f"{left} still spooled (MLflow unreachable, or a parent run not created yet)"
+        print(f"{folder}: sent {sent} records, {state}")
     if pending:
-        print(f"avsiam tracking: {pending} records could not be delivered yet", file=sys.stderr)
+        print(f"avsiam tracking: {pending} records could not be delivered yet; run this again later", file=sys.stderr)
     return 1 if pending else 0

@@ -6,10 +6,14 @@ found the way an orchestrated training needs it:
 * tracking URI: ``MLFLOW_TRACKING_URI``, else a sqlite store ``<output_dir>/mlflow.db`` whose
   artifacts go to ``<output_dir>/mlartifacts`` (MLflow would put them under ``./mlruns`` of
   whatever the working directory is);
-* run: the explicit ``run_id`` (a resumed checkpoint's), else ``MLFLOW_RUN_ID`` (a run the
-  orchestrator created), else a new run in the experiment, a child run when
-  ``parent_run_id`` is given (the ``mlflow.parentRunId`` tag). Re-opening a run sets it back
-  to RUNNING.
+* run: the explicit ``run_id`` (a resumed checkpoint's), else ``MLFLOW_RUN_ID``, else the run
+  recorded in ``<output_dir>/mlflow_run_id`` (the tracker writes it once MLflow has created
+  the run, so every process working in the folder, the orchestrator's and the training's,
+  logs to one run), else the run whose creation is still waiting in the folder's spool, else
+  a new run in the experiment. A new run is a child run when ``parent_run_id`` or
+  ``parent_dir`` (the folder of the parent's tracker, resolved when the child is created, so
+  a parent created during an outage still nests its children) is given. Re-opening a run sets
+  it back to RUNNING.
 
 Params are immutable in MLflow, so :meth:`Tracker.log_params` sends only keys the run does not
 have. A key the run already has with a *different* value (a resume with a changed config) is
@@ -49,12 +53,13 @@ go through :func:`redact_credentials`, and the spool holds only the redacted URI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -70,6 +75,7 @@ from avsiam.tracking.flatten import flatten_params, truncate
 _log = logging.getLogger(__name__)
 
 SPOOL_NAME = "tracking_spool.jsonl"
+RUN_ID_NAME = "mlflow_run_id"
 LOCAL_STORE_NAME = "mlflow.db"
 LOCAL_ARTIFACTS_NAME = "mlartifacts"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -82,8 +88,11 @@ RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 Record = dict[str, Any]
 
 # Applied around each MLflow call where the user has not set them (module docstring, "HTTP budget").
-_METADATA_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-_ARTIFACT_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+# Ending a run on a server makes MLflow print its URL, user:password included, to stdout (the
+# flow's and the training's logs), after one more request to build it: suppressed.
+_QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+_METADATA_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **_QUIET}
+_ARTIFACT_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **_QUIET}
 
 _URI_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
 _SECRET_QUERY_PARAM = re.compile(
@@ -116,6 +125,27 @@ def _env_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def recorded_run_id(output_dir: Path) -> str | None:
+    """The run MLflow created for ``output_dir``'s tracker, if it has created one."""
+    path = output_dir / RUN_ID_NAME
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a local sqlite store go beside its database (MLflow's default would be
+    ``./mlruns`` of whatever the working directory is); a server decides its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (database.resolve().parent / LOCAL_ARTIFACTS_NAME).as_uri()
+
+
+def metadata_http_budget() -> contextlib.AbstractContextManager[None]:
+    """The tracker's HTTP budget for metadata calls (5 s, no retries), for callers of MLflow's
+    client that must fail fast too."""
+    return _env_defaults(_METADATA_HTTP_BUDGET)
 
 
 def _now_ms() -> int:
@@ -184,6 +214,7 @@ class Tracker:
         self._uri = tracking_uri
         self.tracking_uri = redact_credentials(tracking_uri)
         self.run_id = run_id
+        self.output_dir = spool.path.parent
         self._spool = spool
         self._client: MlflowClient | None = None
         self._reconnect_interval_s = reconnect_interval_s
@@ -205,31 +236,41 @@ class Tracker:
         run_id: str | None = None,
         tags: Mapping[str, object] | None = None,
         parent_run_id: str | None = None,
+        parent_dir: str | Path | None = None,
+        run_id_from_env: bool = True,
         reconnect_interval_s: float = DEFAULT_RECONNECT_INTERVAL_S,
         first_retry_s: float = DEFAULT_FIRST_RETRY_S,
     ) -> Tracker:
-        """Open (create or re-open) the run for the training writing to ``output_dir``; never raises
-        for a tracking failure."""
+        """Open (create or re-open) the run of ``output_dir`` (see the module docstring for which
+        run that is; ``run_id_from_env=False`` ignores ``MLFLOW_RUN_ID``, for an orchestrator
+        whose own runs are not the one it may run inside); never raises for a tracking failure."""
         output_dir = Path(output_dir).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        configured_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        spool = Spool(output_dir / SPOOL_NAME)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir / LOCAL_STORE_NAME}"
         tracker = cls(
-            configured_uri or f"sqlite:///{output_dir / LOCAL_STORE_NAME}",
-            spool=Spool(output_dir / SPOOL_NAME),
-            run_id=run_id or os.environ.get("MLFLOW_RUN_ID") or None,
+            uri,
+            spool=spool,
+            run_id=run_id or (run_id_from_env and os.environ.get("MLFLOW_RUN_ID")) or recorded_run_id(output_dir),
             reconnect_interval_s=reconnect_interval_s,
             first_retry_s=first_retry_s,
         )
-        run_tags = {**(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
+        run_tags = {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            run_tags[PARENT_RUN_TAG] = parent_run_id
+        if tracker.run_id is None and any(r["kind"] == "open" and not r.get("run_id") for r in spool.read()):
+            # The run's creation is still spooled (an earlier process of this folder, during an
+            # outage): this is that run, not another one.
+            tracker._submit({"kind": "tags", "tags": run_tags}, reconnect_now=True)
+            return tracker
         tracker._submit(
             {
                 "kind": "open",
                 "experiment": experiment,
-                # Only the store this tracker owns gets an artifact location; a configured
-                # server or store decides its own.
-                "artifact_location": None if configured_uri else (output_dir / LOCAL_ARTIFACTS_NAME).as_uri(),
+                "artifact_location": local_artifact_location(uri),
                 "run_name": run_name,
-                "tags": {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in run_tags.items()},
+                "tags": run_tags,
+                "parent_dir": str(Path(parent_dir).resolve()) if parent_dir else None,
             },
             reconnect_now=True,
         )
@@ -357,7 +398,8 @@ class Tracker:
             elif kind == "params":
                 self._send_params(run_id, first["params"])
             elif kind == "tags":
-                self._mlflow().log_batch(run_id, tags=[RunTag(k, v) for k, v in first["tags"].items()])
+                if first["tags"]:
+                    self._mlflow().log_batch(run_id, tags=[RunTag(k, v) for k, v in first["tags"].items()])
             elif kind == "artifact":
                 self._send_artifact(run_id, Path(first["path"]), first["artifact_path"])
             elif kind == "status":
@@ -369,9 +411,16 @@ class Tracker:
         client = self._mlflow()
         run_id = record["run_id"] or self.run_id
         if run_id is None:
+            tags = dict(record["tags"])
+            if parent_dir := record.get("parent_dir"):
+                parent_id = recorded_run_id(Path(parent_dir))
+                if parent_id is None:  # not an outage, but the same remedy: keep it spooled
+                    raise MlflowException(f"the parent run (of {parent_dir}) has not reached MLflow yet")
+                tags[PARENT_RUN_TAG] = parent_id
             experiment_id = self._experiment_id(record["experiment"], record["artifact_location"])
-            run = client.create_run(experiment_id, tags=record["tags"], run_name=record["run_name"])
+            run = client.create_run(experiment_id, tags=tags, run_name=record["run_name"])
             self.run_id = run.info.run_id
+            (self.output_dir / RUN_ID_NAME).write_text(self.run_id)
             return
         client.update_run(run_id, status="RUNNING")
         if record["tags"]:
@@ -458,10 +507,34 @@ def sync_spool(output_dir: str | Path) -> tuple[int, int]:
         if recorded is not None and redact_credentials(configured) != recorded:
             raise SyncError(f"{spool.path}: its records belong to {recorded}, not to MLFLOW_TRACKING_URI "
                             f"{redact_credentials(configured)}")
-    run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
+    run_id = next((r["run_id"] for r in records if r.get("run_id")), None) or recorded_run_id(output_dir)
     tracker = Tracker(uri, spool=spool, run_id=run_id)
     sent = tracker.replay_spool()
     return sent, len(records) - sent
+
+
+def spooled_folders(roots: Iterable[str | Path]) -> list[Path]:
+    """Every folder at or under ``roots`` that holds a tracking spool."""
+    found: set[Path] = set()
+    for root in map(Path, roots):
+        found.update(p.parent.resolve() for p in [root / SPOOL_NAME, *root.rglob(f"*/{SPOOL_NAME}")] if p.is_file())
+    return sorted(found)
+
+
+def sync_spools(folders: Iterable[str | Path]) -> dict[Path, tuple[int, int]]:
+    """:func:`sync_spool` for each folder, repeated while it makes progress: a child run waits for
+    its parent's creation, whichever folder holds it. Returns {folder: (sent, left)}."""
+    results = {Path(f).resolve(): (0, -1) for f in folders}
+    progress = True
+    while progress:
+        progress = False
+        for folder, (sent_before, left_before) in results.items():
+            if left_before == 0:
+                continue
+            sent, left = sync_spool(folder)
+            results[folder] = (sent_before + sent, left)
+            progress = progress or sent > 0
+    return results
 
 
 class NullTracker:
