@@ -125,12 +125,8 @@ def avsiam_pipeline(
     })
     parent.log_params(config.model_dump(mode="json"))
     log.info("MLflow: %s (parent run %s)", redact_credentials(tracking_uri), parent.run_id or "not created yet: MLflow unreachable")
-    try:
+    with parent:  # FINISHED, or FAILED (KILLED on cancellation) whatever a stage raises
         summary = _run_stages(config, out, storage, parent, checkpoint_store, data_store, ray_address)
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    parent.finish()
     summary["mlflow_parent_run_id"] = parent.run_id
     deferred = mlflow_runs.deferred_records(out)
     summary["tracking"] = f"deferred: {deferred} records spooled" if deferred else "live"
@@ -185,10 +181,9 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, che
         evaluation = _with_options(evaluate_stage, "evaluate", config, storage)(
             key=ev_key, model=config.model, recipe=recipe_name, overrides=config.overrides.finetune, variant=config.variant,
             data=data, finetuned=finetuned, run_dir=str(out / "evaluate" / recipe_name / ev_key[:16]), parent_dir=str(parent.output_dir))
-        evaluate_run = mlflow_runs.stage_run(Path(evaluation.run_dir), str(parent.output_dir), "evaluate", {},
-                                             run_id=evaluation.mlflow_run_id)
-        evaluate_run.log_metrics({"pipeline_gpu_hours": pretrained.gpu_hours + finetuned.gpu_hours})
-        evaluate_run.finish()
+        with mlflow_runs.stage_run(Path(evaluation.run_dir), str(parent.output_dir), "evaluate", {},
+                                   run_id=evaluation.mlflow_run_id) as evaluate_run:
+            evaluate_run.log_metrics({"pipeline_gpu_hours": pretrained.gpu_hours + finetuned.gpu_hours})
         evaluations.append(evaluation)
 
     total = sum(stage_hours.values())

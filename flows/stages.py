@@ -104,23 +104,19 @@ def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, pare
 
     log = get_run_logger()
     root = Path(data_dir)
-    run = mlflow_runs.stage_run(root, parent_dir, "stage_data", {"avsiam.source": source.source})
-    run.log_params(source.model_dump())
-    videos, labels, classes = _materialize(source, root, log)
-    request = StagingRequest(labels=labels, out=staged, videos=videos, classes_csv=classes, val_fraction=source.val_fraction,
-                             max_bad_fraction=source.max_bad_fraction, seed=source.synthetic.seed,
-                             clips_per_shard=source.clips_per_shard)
-    try:
+    # The run ends FINISHED, or FAILED (KILLED on cancellation) whatever raises inside.
+    with mlflow_runs.stage_run(root, parent_dir, "stage_data", {"avsiam.source": source.source}) as run:
+        run.log_params(source.model_dump())
+        videos, labels, classes = _materialize(source, root, log)
+        request = StagingRequest(labels=labels, out=staged, videos=videos, classes_csv=classes,
+                                 val_fraction=source.val_fraction, max_bad_fraction=source.max_bad_fraction,
+                                 seed=source.synthetic.seed, clips_per_shard=source.clips_per_shard)
         summary = run_staging(request, address=ray_address, workers=source.workers)
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    run.log_metrics({"num_clips": summary.num_clips, "quarantined": summary.quarantined, "shards": summary.shards,
-                     "shards_built": summary.shards_built, "clips_decoded": summary.decoded, "clips_copied": summary.copied,
-                     "staged_with_warning": summary.staged_with_warning})
-    run.set_tags({"avsiam.dataset_digest": summary.dataset_digest, "avsiam.dataset": summary.location})
-    _log_dataset_files(run, summary.location, root)
-    run.finish()
+        run.log_metrics({"num_clips": summary.num_clips, "quarantined": summary.quarantined, "shards": summary.shards,
+                         "shards_built": summary.shards_built, "clips_decoded": summary.decoded,
+                         "clips_copied": summary.copied, "staged_with_warning": summary.staged_with_warning})
+        run.set_tags({"avsiam.dataset_digest": summary.dataset_digest, "avsiam.dataset": summary.location})
+        _log_dataset_files(run, summary.location, root)
     return DataManifest(location=summary.location, dataset_digest=summary.dataset_digest, num_clips=summary.num_clips,
                         splits=summary.splits, shards=summary.shards, quarantined=summary.quarantined,
                         multi_label=summary.multi_label, mlflow_run_id=run.run_id)
@@ -187,31 +183,35 @@ def train_stage(
     log = get_run_logger()
     out = Path(run_dir)
     tags = {"avsiam.recipe": recipe, "avsiam.model": model, "avsiam.dataset_digest": data.dataset_digest}
-    mlflow_runs.stage_run(out, parent_dir, stage, tags)  # the run the training process finds in its folder
+    run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # the run the training process finds in its folder
     entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.location, "--output", str(out),
              *(["--init", init.weights_path] if init else []), *(["--variant", variant] if variant else []), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # the folder decides the run
-    code = _run_command(entry, launcher, env, log.info)
-    run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # re-read: the training process may have created it
-    if code != 0:
-        run.finish("FAILED")
+    try:
+        code = _run_command(entry, launcher, env, log.info)
+        run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # re-read: the training process may have created it
         if code == DIVERGED_EXIT_STATUS:
             raise RuntimeError(f"{stage} ({recipe}) diverged (the log above names the step); resuming would diverge again: "
                                "change the recipe (e.g. a lower lr override) and run the flow again")
-        raise RuntimeError(f"{stage} ({recipe}) exited with code {code}; run the flow again to resume from {out / 'checkpoints'}")
-    summary = json.loads((out / "summary.json").read_text())
-    weights = Path(summary["weights"])
-    checkpoint_uri = summary["checkpoint"]
-    if checkpoint_store:
-        from avsiam.storage.s3 import sync_tree_to_s3
+        if code != 0:
+            raise RuntimeError(f"{stage} ({recipe}) exited with code {code}; run the flow again to resume from "
+                               f"{out / 'checkpoints'}")
+        summary = json.loads((out / "summary.json").read_text())
+        weights = Path(summary["weights"])
+        checkpoint_uri = summary["checkpoint"]
+        if checkpoint_store:
+            from avsiam.storage.s3 import sync_tree_to_s3
 
-        checkpoint_uri = f"{checkpoint_store.rstrip('/')}/{stage}/{key[:16]}/checkpoints"
-        sync_tree_to_s3(out / "checkpoints", checkpoint_uri)
-    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-    run.set_tags({"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
-    for path in (out / "config.yaml", out / "summary.json", out / "loss_curve.png"):
-        run.log_artifact(path)
-    run.log_artifact(weights, artifact_path="model")
+            checkpoint_uri = f"{checkpoint_store.rstrip('/')}/{stage}/{key[:16]}/checkpoints"
+            sync_tree_to_s3(out / "checkpoints", checkpoint_uri)
+        plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+        run.set_tags({"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
+        for path in (out / "config.yaml", out / "summary.json", out / "loss_curve.png"):
+            run.log_artifact(path)
+        run.log_artifact(weights, artifact_path="model")
+    except BaseException as exc:
+        run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     run.finish()
     return TrainManifest(stage=stage, recipe=recipe, run_dir=str(out), weights_path=str(weights),
                          weights_digest=_file_sha256(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
@@ -229,21 +229,20 @@ def evaluate_stage(
 
     log = get_run_logger()
     out = Path(run_dir)
-    run = mlflow_runs.stage_run(out, parent_dir, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
-                                                              "avsiam.dataset_digest": data.dataset_digest})
     arch_overrides = [o for o in overrides if o.startswith("arch.")]  # evaluation needs the trained architecture
     entry = ["evaluate", "--model", model, "--recipe", recipe, "--weights", finetuned.weights_path, "--data", data.location,
              "--output", str(out), *(["--variant", variant] if variant else []), *arch_overrides]
-    code = _run_command(entry, None, dict(os.environ), log.info)
-    if code != 0:
-        run.finish("FAILED")
-        raise RuntimeError(f"evaluate ({recipe}) exited with code {code}")
-    results = json.loads((out / "results.json").read_text())
-    metrics = {k: v for k, v in results.items() if isinstance(v, float)}
-    run.log_params({"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results["split"]})
-    run.log_metrics(metrics)
-    plot_per_class_ap(out / "per_class.csv", out / "per_class_ap.png")
-    for path in (out / "results.json", out / "per_class.csv", out / "per_class_ap.png", Path(finetuned.run_dir) / "loss_curve.png"):
-        run.log_artifact(path)
-    run.finish()
+    with mlflow_runs.stage_run(out, parent_dir, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
+                                                             "avsiam.dataset_digest": data.dataset_digest}) as run:
+        code = _run_command(entry, None, dict(os.environ), log.info)
+        if code != 0:
+            raise RuntimeError(f"evaluate ({recipe}) exited with code {code}")
+        results = json.loads((out / "results.json").read_text())
+        metrics = {k: v for k, v in results.items() if isinstance(v, float)}
+        run.log_params({"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results["split"]})
+        run.log_metrics(metrics)
+        plot_per_class_ap(out / "per_class.csv", out / "per_class_ap.png")
+        for path in (out / "results.json", out / "per_class.csv", out / "per_class_ap.png",
+                     Path(finetuned.run_dir) / "loss_curve.png"):
+            run.log_artifact(path)
     return EvalManifest(recipe=recipe, run_dir=str(out), metric=results["metric"], results=results, mlflow_run_id=run.run_id)

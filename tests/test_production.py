@@ -265,6 +265,8 @@ def test_killed_finetuning_resumes_when_the_deployment_runs_again(stack, tmp_pat
         time.sleep(2)
     assert not (run_dir / "weights.safetensors").exists()
     mlflow_run_before = (run_dir / "mlflow_run_id").read_text()
+    client, _ = mlflow_runs(stack)
+    assert client.get_run(mlflow_run_before).info.status == "FAILED"  # not left RUNNING by the killed stage
 
     second = stack.cli(["deployment", "run", "avsiam/full", *params, "--watch", "--watch-timeout", "900"])
     assert "Completed" in second.stdout
