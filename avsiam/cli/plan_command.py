@@ -1,8 +1,10 @@
 """``avsiam plan``: memory per GPU, fit, FLOPs and GPU-hours of a recipe on a cluster.
 
-Model states follow DeepSpeed's mixed-precision ZeRO optimizers; activations the standard
-per-block estimate of Korthikanti et al. 2022 (``--fused-attention`` drops its N^2 attention
-scores, which fused attention kernels do not store); the GPU-hours assume a utilisation of the
+Model states follow DeepSpeed's mixed-precision ZeRO optimizers; activations the per-block
+estimate of Korthikanti et al. 2022 as the training code runs on the card: timm's attention
+calls ``scaled_dot_product_attention``, whose fused kernels (FlashAttention on sm80+, the
+memory-efficient kernel on V100) store no N^2 attention scores (``--attention standard``: the
+estimate with them, as without fused attention); the GPU-hours assume a utilisation of the
 card's dense 16-bit peak (``--mfu``).
 """
 
@@ -26,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=int, help="number of GPUs (default: the recipe's)")
     p.add_argument("--zero", type=int, help="ZeRO stage 0-3 (default: the recipe's)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every transformer block")
-    p.add_argument("--fused-attention", action="store_true", help="no N^2 attention scores stored (fused SDPA kernels)")
+    p.add_argument("--attention", choices=["fused", "standard"], default="fused",
+                   help="fused (default: what training runs on a GPU, no N^2 scores stored) or the standard estimate")
     p.add_argument("--mfu", type=float, help="assumed utilisation of the peak (default: the planner's DEFAULT_UTILISATION)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         zero_stage=args.zero,
         activation_checkpointing=args.activation_checkpointing,
         utilisation=DEFAULT_UTILISATION if args.mfu is None else args.mfu,
-        fused_attention=args.fused_attention,
+        fused_attention=args.attention == "fused",
     )
     if args.json:
         print(json.dumps(plan, indent=1))

@@ -115,9 +115,9 @@ def planner_row(size: str, recipe_name: str) -> list[str]:
     """One row of :func:`planner_table`; memory in GiB per GPU."""
     recipe, chosen = cluster_run(size, recipe_name)
     gpu = cluster_gpu(recipe.gpu_type)
-    plain = capacity_plan(recipe, gpu)
-    configured = capacity_plan(recipe, gpu, activation_checkpointing=chosen.activation_checkpointing)
-    fused = capacity_plan(recipe, gpu, fused_attention=True)
+    plain = capacity_plan(recipe, gpu, fused_attention=False)
+    configured = capacity_plan(recipe, gpu, activation_checkpointing=chosen.activation_checkpointing, fused_attention=False)
+    fused = capacity_plan(recipe, gpu)
     v100 = KNOWN_GPUS["v100-32gb"]
     # The paper's V100-hours are of its pretraining, without recomputation.
     v100_hours = predicted_gpu_hours(recipe, train_flops_per_sample(recipe), v100.peak_flops["fp16"], DEFAULT_UTILISATION)

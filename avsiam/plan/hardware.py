@@ -18,13 +18,22 @@ class Gpu:
     name: str
     memory_bytes: int
     peak_flops: dict[str, float]
+    compute_capability: tuple[int, int]
 
 
-def _gpu(name: str, memory_gib: int, fp16_tflops: float, bf16: bool = True) -> Gpu:
+def _gpu(name: str, memory_gib: int, fp16_tflops: float, sm: tuple[int, int], bf16: bool = True) -> Gpu:
     peaks = {"fp16": fp16_tflops * TERA}
     if bf16:
         peaks["bf16"] = fp16_tflops * TERA  # Ampere and Hopper run bf16 at the fp16 rate
-    return Gpu(name, memory_gib * GIB, peaks)
+    return Gpu(name, memory_gib * GIB, peaks, sm)
+
+
+def attention_kernel(gpu: Gpu) -> str:
+    """The fused kernel ``F.scaled_dot_product_attention`` runs for the model's 16-bit attention on
+    ``gpu`` (timm's Attention calls it unless TIMM_FUSED_ATTN=0): FlashAttention on sm80 and
+    newer, the memory-efficient kernel on older cards (V100, sm70). Neither stores the N^2
+    attention scores, which is what the planner's activation estimate depends on."""
+    return "flash" if gpu.compute_capability >= (8, 0) else "memory-efficient"
 
 
 # Memory is the nominal capacity; the driver keeps a few hundred MiB of it, which the planner's
@@ -33,17 +42,17 @@ KNOWN_GPUS: dict[str, Gpu] = {
     gpu.name: gpu
     for gpu in (
         # V100 SXM2: 125 TFLOPS fp16 tensor (the PCIe card: 112). Volta has no bf16.
-        _gpu("v100-16gb", 16, 125, bf16=False),
-        _gpu("v100-32gb", 32, 125, bf16=False),
+        _gpu("v100-16gb", 16, 125, (7, 0), bf16=False),
+        _gpu("v100-32gb", 32, 125, (7, 0), bf16=False),
         # RTX A5000 datasheet: 27.8 TFLOPS is the fp32 CUDA-core rate, and the "222.2 TFLOPS"
         # tensor figure assumes 2:4 structured sparsity. Dense fp16/bf16 tensor (fp32
         # accumulate, full rate on the professional GA102 cards) is half of it:
         # 64 SMs x 1024 FLOP/clock x 1.695 GHz = 111.1 TFLOPS.
-        _gpu("a5000", 24, 111.1),
-        _gpu("a100-40gb", 40, 312),
-        _gpu("a100-80gb", 80, 312),
-        _gpu("h100", 80, 989),  # SXM5 dense bf16/fp16
-        _gpu("h200", 141, 989),
+        _gpu("a5000", 24, 111.1, (8, 6)),
+        _gpu("a100-40gb", 40, 312, (8, 0)),
+        _gpu("a100-80gb", 80, 312, (8, 0)),
+        _gpu("h100", 80, 989, (9, 0)),  # SXM5 dense bf16/fp16
+        _gpu("h200", 141, 989, (9, 0)),
     )
 }
 

@@ -15,7 +15,7 @@ from avsiam.plan.compute import (
     recompute_flops_per_sample,
     train_flops_per_sample,
 )
-from avsiam.plan.hardware import Gpu, training_precision
+from avsiam.plan.hardware import Gpu, attention_kernel, training_precision
 from avsiam.plan.memory import ZERO_STAGES, activation_bytes, block_runs, model_state_bytes, required_bytes
 
 # Utilisation of the dense 16-bit peak assumed for the prediction (the FLOPs the GPU executes,
@@ -81,10 +81,12 @@ def capacity_plan(
     zero_stage: int | None = None,
     activation_checkpointing: bool = False,
     utilisation: float = DEFAULT_UTILISATION,
-    fused_attention: bool = False,
+    fused_attention: bool = True,
 ) -> dict[str, Any]:
     """Everything ``avsiam plan --json`` prints (key names are an interface). ``num_gpus`` and
-    ``zero_stage`` default to the recipe's."""
+    ``zero_stage`` default to the recipe's. Activations are planned as the training code runs
+    them on ``gpu``: fused attention (:func:`~avsiam.plan.hardware.attention_kernel`);
+    ``fused_attention=False`` is the standard estimate with the N^2 scores stored."""
     num_gpus = recipe.num_gpus if num_gpus is None else num_gpus
     zero_stage = recipe.zero_stage if zero_stage is None else zero_stage
     if num_gpus < 1:
@@ -109,7 +111,8 @@ def capacity_plan(
         "precision": precision,
         "zero_stage": zero_stage,
         "activation_checkpointing": activation_checkpointing,
-        "attention": "fused (no N^2 scores stored)" if fused_attention else "standard estimate (N^2 scores stored)",
+        "attention": (f"fused: scaled_dot_product_attention, {attention_kernel(gpu)} kernel on this card (no N^2 scores stored)"
+                      if fused_attention else "standard estimate (N^2 scores stored, as without fused attention)"),
         "micro_batch_per_gpu": micro,
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "global_batch": micro * recipe.gradient_accumulation_steps * num_gpus,
