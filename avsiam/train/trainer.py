@@ -38,7 +38,7 @@ from avsiam import __version__
 from avsiam.config import ConfigError, RecipeConfig, lr_at_epoch
 from avsiam.data.index import load_index
 from avsiam.data.sampler import DistributedClipSampler, mix_seed
-from avsiam.tracking import flatten_params, make_tracker
+from avsiam.tracking import flatten_params, make_tracker, redact_credentials
 from avsiam.train import checkpointing
 from avsiam.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, init_distributed, on_cpu
 from avsiam.train.divergence import DivergenceGuard, from_deepspeed
@@ -216,7 +216,7 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
         return _finish(recipe, task, env, engine, tracker, output, checkpoint_dir, history, global_step, elapsed(), index)
     except BaseException as exc:
         # The run's end, whatever ended it: a divergence, a bug, a lost rank (Ctrl-C: KILLED).
-        tracker.set_tags({"avsiam.failure": f"{type(exc).__name__}: {exc}"})
+        tracker.set_tags({"avsiam.failure": redact_credentials(f"{type(exc).__name__}: {exc}")})
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
 
