@@ -57,15 +57,20 @@ def _tracked_runs(out):
     return client.search_runs([experiment.experiment_id])
 
 
-@pytest.mark.slow
-def test_absurd_learning_rate_stops_the_run_with_one_error_and_nothing_saved(staged_single, tmp_path):
-    out = tmp_path / "diverged"
-    proc = avsiam("train", "pretrain", "--model", "tiny", "--data", staged_single, "--output", out, "--nproc", "2",
-                  "batch_size_per_gpu=4", "num_workers=0", "arch.depth=2", "lr=1e30", "warmup_steps=0", "max_steps=4",
-                  check=False)
+def pretrain_at_lr_1e30(staged, out, *overrides) -> str:
+    """Pretrain on 2 ranks at lr 1e30; asserts the run diverged with one error; returns its output."""
+    proc = avsiam("train", "pretrain", "--model", "tiny", "--data", staged, "--output", out, "--nproc", "2",
+                  "num_workers=0", "arch.depth=2", "lr=1e30", "warmup_steps=0", *overrides, check=False)
     output = proc.stdout + proc.stderr  # the launcher interleaves the ranks' output
     assert proc.returncode == DIVERGED_EXIT_STATUS, output[-3000:]
     assert output.count("avsiam train: error: training diverged") == 1
+    return output
+
+
+@pytest.mark.slow
+def test_absurd_learning_rate_stops_the_run_with_one_error_and_nothing_saved(staged_single, tmp_path):
+    out = tmp_path / "diverged"
+    output = pretrain_at_lr_1e30(staged_single, out, "batch_size_per_gpu=4", "max_steps=4")
     steps = read_jsonl(out / "metrics.jsonl")
     diverged_at = next(r["step"] for r in steps if not math.isfinite(r["loss"]))
     assert f"step {diverged_at} (lr 1e+30) has loss nan" in output and steps[-1]["step"] == diverged_at
@@ -77,15 +82,10 @@ def test_absurd_learning_rate_stops_the_run_with_one_error_and_nothing_saved(sta
 
 @pytest.mark.slow
 def test_divergence_first_seen_by_validation_is_the_same_error_once(staged_single, tmp_path):
-    # One optimizer step per epoch (24 train clips, 2 ranks x 12): its loss is finite, the step
-    # itself blows the weights up, and the epoch-end validation is where it shows.
+    # One optimizer step per epoch (24 to 47 train clips, 2 ranks x 12 a step): its loss is
+    # finite, the step itself blows the weights up, and the epoch-end validation shows it.
     out = tmp_path / "diverged"
-    proc = avsiam("train", "pretrain", "--model", "tiny", "--data", staged_single, "--output", out, "--nproc", "2",
-                  "batch_size_per_gpu=12", "num_workers=0", "arch.depth=2", "lr=1e30", "warmup_steps=0", "epochs=2",
-                  check=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == DIVERGED_EXIT_STATUS, output[-3000:]
-    assert output.count("avsiam train: error: training diverged") == 1
+    output = pretrain_at_lr_1e30(staged_single, out, "batch_size_per_gpu=12", "epochs=2")
     assert "the validation after step 1 has" in output and "non-finite values in audio embeddings" in output
     assert "contains NaN" not in output and "Traceback" not in output
     assert not (out / "weights.safetensors").exists()

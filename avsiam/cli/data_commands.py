@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 
 # The staging module imports torch, torchaudio, PyAV and torchvision: seconds that every
-# `avsiam` command would pay at start-up for one default. Its defaults apply where an option
-# is left out.
+# `avsiam` command would pay at start-up for its defaults. They apply where an option
+# is left out: these options are passed only when given.
+_STAGING_OPTIONS_WITH_LIBRARY_DEFAULTS = ("clips_per_shard", "silence_threshold_dbfs", "silent_audio")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,10 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="clips per shard (default: StagingRequest's, 1000 = ~0.5 GB of AudioSet-sized clips)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPUs of the temporary local Ray cluster")
     p.add_argument("--address", help="an existing Ray cluster (auto, or ray://head:10001) instead of a local one")
-    p.add_argument("--silence-threshold-dbfs", type=float, default=-60.0,
-                   help="a clip whose staged audio never peaks above this level is silent (default -60 dBFS)")
-    p.add_argument("--silent-audio", choices=["quarantine", "warn"], default="quarantine",
-                   help="quarantine silent clips (default), or stage them and list them in quarantine.csv with a warning")
+    p.add_argument("--silence-threshold-dbfs", type=float,
+                   help="a clip whose staged audio never peaks above this level is silent (default: StagingRequest's, -60 dBFS)")
+    p.add_argument("--silent-audio", choices=["quarantine", "warn"],
+                   help="quarantine silent clips (the default), or stage them and list them in quarantine.csv with a warning")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_stage)
 
@@ -80,9 +81,8 @@ def run_stage(args: argparse.Namespace) -> int:
     try:
         request = StagingRequest(labels=args.labels, out=args.out, videos=args.videos, classes_csv=args.classes,
                                  split=args.split, val_fraction=args.val_fraction, max_bad_fraction=args.max_bad_fraction,
-                                 seed=args.seed, silence_threshold_dbfs=args.silence_threshold_dbfs,
-                                 silent_audio=args.silent_audio,
-                                 **({"clips_per_shard": args.clips_per_shard} if args.clips_per_shard is not None else {}))
+                                 seed=args.seed, **{name: value for name in _STAGING_OPTIONS_WITH_LIBRARY_DEFAULTS
+                                                    if (value := getattr(args, name)) is not None})
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise ConfigError(problems) from None

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from avsiam.config import RECIPES, SIZES, resolve_recipe
+from avsiam.config import RECIPES, SIZES, ConfigError, resolve_recipe
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -55,8 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_run_folder(path: Path) -> None:
     """``--output`` must be (or be creatable as) a writable folder; checked without creating it."""
-    from avsiam.config import ConfigError
-
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():

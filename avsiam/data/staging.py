@@ -96,6 +96,7 @@ log = logging.getLogger(__name__)
 # next staging decodes everything again. 2: audio cut to STAGED_AUDIO_SAMPLES.
 STAGING_FORMAT = 2
 DEFAULT_CLIPS_PER_SHARD = 1000  # ~0.5 GB at AudioSet's 0.5-0.6 MB per staged clip
+DEFAULT_SILENCE_THRESHOLD_DBFS = -60.0
 ASSIGNMENT_NAME = "assignment.parquet"
 RECORD_FORMAT = "avsiam-shard-record"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -124,7 +125,7 @@ class StagingRequest(BaseModel):
     # a muted upload, or stereo channels that cancel when mixed to mono. Training on it would
     # feed a constant spectrogram. "quarantine" drops it; "warn" stages it and lists it in
     # quarantine.csv as staged with a warning.
-    silence_threshold_dbfs: float = Field(default=-60.0, le=0, allow_inf_nan=False)
+    silence_threshold_dbfs: float = Field(default=DEFAULT_SILENCE_THRESHOLD_DBFS, le=0, allow_inf_nan=False)
     silent_audio: Literal["quarantine", "warn"] = "quarantine"
 
     @field_validator("labels", mode="before")
@@ -165,7 +166,7 @@ class AudioScreen:
     """The check every staged clip's audio passes: what training reads (the staged window, as
     16-bit PCM) must peak above ``silence_threshold_dbfs``."""
 
-    silence_threshold_dbfs: float = -60.0
+    silence_threshold_dbfs: float = DEFAULT_SILENCE_THRESHOLD_DBFS
     silent_audio: Literal["quarantine", "warn"] = "quarantine"
 
     def problem(self, wav: bytes, where: str) -> str | None:
