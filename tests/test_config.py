@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from avsiam.config import RECIPES, ConfigError, all_presets, lr_at_epoch, preset_summary, resolve_recipe
+from avsiam.config import RECIPES, ConfigError, LrSchedule, all_presets, preset_summary, resolve_recipe
 from avsiam.config.presets import load_recipe_file
 
 # (lr, head multiplier, decay start, rate, step, epochs, batch/GPU, GPUs, GPU, balanced, mixup, loss)
@@ -137,7 +137,7 @@ def test_every_preset_validates_and_summarises():
     for cfg in presets:
         summary = preset_summary(cfg)
         assert summary["lr_schedule"][0] == cfg.lr
-        assert lr_at_epoch(cfg, cfg.epochs) == summary["lr_schedule"][-1]
+        assert LrSchedule.of(cfg).epoch_lr(cfg.epochs) == summary["lr_schedule"][-1]
 
 
 def test_architectures_of_the_paper_sizes():

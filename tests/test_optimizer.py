@@ -58,3 +58,28 @@ def test_deepspeed_adam_steps_exactly_like_torch_adam_with_l2(single_process_gro
     for p, r, w in zip(engine.module.parameters(), ref.parameters(), adamw.parameters()):
         assert torch.allclose(p, r, atol=1e-6)
         assert not torch.allclose(p, w, atol=1e-6)
+
+
+@pytest.mark.parametrize(("recipe_name", "overrides", "expected"), [
+    ("finetune_vggsound", [("fusion_lr_multiplier", None)], {"backbone": 1.0, "heads": 10.0, "fusion": 10.0}),  # unset: as the heads
+    ("finetune_vggsound", [("fusion_lr_multiplier", 2.0)], {"backbone": 1.0, "heads": 10.0, "fusion": 2.0}),
+    ("pretrain_as2m", [], {"backbone": 1.0}),  # pretraining: one group, its fusion layers included
+])
+def test_parameter_groups_scale_heads_and_fusion_and_hold_every_trainable_parameter(recipe_name, overrides, expected):
+    from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe
+    from avsiam.train.tasks import FinetuneTask, PretrainTask
+
+    recipe = resolve_recipe("tiny", recipe_name, overrides)
+    if recipe.stage == "finetune":
+        model, task = build_finetune_model_from_recipe(recipe, 5), FinetuneTask(recipe, index=None)
+    else:
+        model, task = build_pretrain_model_from_recipe(recipe), PretrainTask(recipe, index=None)
+    groups = task.param_groups(model)
+    assert {g["name"]: g["lr_scale"] for g in groups} == expected
+    assert all(g["lr"] == pytest.approx(recipe.lr * g["lr_scale"]) for g in groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each exactly once
+    by_group = {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
+    assert all(n.startswith("heads.") for n in by_group.get("heads", []))
+    assert all(n.startswith("fusion.") for n in by_group.get("fusion", []))

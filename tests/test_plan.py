@@ -15,7 +15,7 @@ from avsiam.config import ConfigError, resolve_recipe
 from avsiam.model import build_pretrain_model
 from avsiam.model.flops import flops_summary
 from avsiam.plan.compute import TRAIN_CLIPS, count_parameters, predicted_gpu_hours
-from avsiam.plan.hardware import GIB, KNOWN_GPUS, gpu_spec
+from avsiam.plan.hardware import GIB, KNOWN_GPUS, gpu_of_device, gpu_spec
 from avsiam.plan.memory import activation_bytes, block_runs, model_state_bytes
 from avsiam.plan.planner import capacity_plan
 
@@ -234,3 +234,24 @@ def test_the_plan_says_which_attention_it_assumes(avsiam_main, capsys):
     assert not standard["fits"] and standard["attention"].startswith("standard estimate")
     assert avsiam_main(["plan", "--model", "base", "--stage", "finetune_as20k", "--gpu", "h100", "--json"]) == 0
     assert "flash kernel" in json.loads(capsys.readouterr().out)["attention"]
+
+
+@pytest.mark.parametrize(
+    ("device_name", "memory_gib", "expected"),
+    [
+        ("Tesla V100-SXM2-32GB", 31.7, "v100-32gb"),
+        ("Tesla V100-SXM2-16GB", 15.8, "v100-16gb"),
+        ("NVIDIA RTX A5000", 23.6, "a5000"),
+        ("NVIDIA A100-PCIE-40GB", 39.4, "a100-40gb"),
+        ("NVIDIA A100-SXM4-80GB", 79.2, "a100-80gb"),
+        ("NVIDIA H100 80GB HBM3", 79.1, "h100"),
+        ("NVIDIA H200", 139.8, "h200"),
+    ],
+)
+def test_the_card_behind_a_cuda_device(device_name: str, memory_gib: float, expected: str) -> None:
+    assert gpu_of_device(device_name, int(memory_gib * GIB)).name == expected
+
+
+def test_an_unknown_cuda_device_is_named() -> None:
+    with pytest.raises(ConfigError, match="'NVIDIA L4'.*--gpu"):
+        gpu_of_device("NVIDIA L4", 24 * GIB)

@@ -1,10 +1,20 @@
 """Cross-modal retrieval recall and median rank."""
 
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from avsiam.eval import retrieval, retrieval_recall
+from avsiam.eval.predict import distributed_retrieval_recall
+from avsiam.eval.retrieval import TIE_TOLERANCE, normalised_pairs, rank_counts
+from avsiam.launch.local import free_port
+from avsiam.train.distributed import DistEnv
 
 KEYS = ["a2v_R1", "a2v_R5", "a2v_R10", "a2v_median_rank", "v2a_R1", "v2a_R5", "v2a_R10", "v2a_median_rank"]
 
@@ -74,35 +84,93 @@ def test_blocked_ranking_matches_one_block(monkeypatch):
     rng = np.random.default_rng(5)
     audio, visual = rng.normal(size=(37, 8)), rng.normal(size=(37, 8))
     whole = retrieval_recall(audio, visual)
-    monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 5)
+    monkeypatch.setattr(retrieval, "_BLOCK_ELEMENTS", 5 * 37)  # blocks of 5 rows, the last one partial
     assert retrieval_recall(audio, visual) == whole
 
 
-def test_torch_inputs_give_the_numpy_result():
+def test_the_true_match_counts_once_whatever_its_rounding(monkeypatch):
+    # A threshold above every similarity stands for a GEMM that rounded the true match below
+    # its own (float64) similarity: no distractor outranks it, and it still ranks 1st, not 0th.
+    monkeypatch.setattr(retrieval, "TIE_TOLERANCE", -10.0)
+    rng = np.random.default_rng(10)
+    a2v, v2a = rank_counts(*normalised_pairs(rng.normal(size=(20, 4)), rng.normal(size=(20, 4))))
+    assert a2v.tolist() == v2a.tolist() == [1] * 20
+
+
+def _float64_reference(audio: np.ndarray, visual: np.ndarray, ks) -> dict[str, float]:
+    """Recall@k written out in float64 numpy, the whole similarity matrix at once."""
+    a = audio / np.linalg.norm(audio, axis=1, keepdims=True)
+    v = visual / np.linalg.norm(visual, axis=1, keepdims=True)
+    out = {}
+    for prefix, similarity in (("a2v", a @ v.T), ("v2a", v @ a.T)):
+        true = np.diag(similarity)
+        ranks = (similarity >= true[:, None] - TIE_TOLERANCE).sum(axis=1)
+        out.update({f"{prefix}_R{k}": float(np.mean(ranks <= k)) for k in ks})
+        out[f"{prefix}_median_rank"] = float(np.median(ranks))
+    return out
+
+
+def test_float32_blocked_ranking_matches_a_float64_reference(monkeypatch):
     rng = np.random.default_rng(6)
+    n, d = 600, 48
+    audio = rng.normal(size=(n, d))
+    visual = audio + rng.normal(scale=1.5, size=(n, d))  # partly informative: ranks spread over 1..n
+    ks = (1, 5, 10, 50)
+    monkeypatch.setattr(retrieval, "_BLOCK_ELEMENTS", 128 * 600)  # several blocks, the last one partial
+    assert retrieval_recall(audio, visual, ks=ks) == _float64_reference(audio, visual, ks)
+
+
+def test_row_shards_rank_like_the_whole_matrix():
+    rng = np.random.default_rng(7)
+    audio, visual = normalised_pairs(rng.normal(size=(101, 16)), rng.normal(size=(101, 16)))
+    whole_a2v, whole_v2a = rank_counts(audio, visual)
+    shards = [rank_counts(audio, visual, rows) for rows in (range(0, 34), range(34, 67), range(67, 101))]
+    np.testing.assert_array_equal(np.concatenate([a2v for a2v, _ in shards]), whole_a2v)
+    np.testing.assert_array_equal(np.sum([v2a for _, v2a in shards], axis=0), whole_v2a)
+
+
+def test_distributed_recall_in_one_process_is_the_recall():
+    rng = np.random.default_rng(8)
     audio, visual = rng.normal(size=(40, 8)), rng.normal(size=(40, 8))
-    expected = retrieval_recall(audio, visual)
-    assert retrieval_recall(torch.from_numpy(audio), torch.from_numpy(visual).requires_grad_()) == expected
-    assert retrieval_recall(torch.from_numpy(audio), visual) == expected
+    assert distributed_retrieval_recall(audio, visual, DistEnv(0, 1, 0), "cpu") == retrieval_recall(audio, visual)
 
 
-@pytest.mark.parametrize(
-    ("audio", "visual", "message"),
-    [
-        (np.zeros(4), np.zeros(4), "audio_emb must be 2-D"),
-        (np.zeros((4, 2)), np.zeros((4, 2, 1)), "visual_emb must be 2-D"),
-        (np.zeros((0, 2)), np.zeros((0, 2)), "audio_emb is empty"),
-        (np.zeros((4, 2)), np.zeros((5, 2)), "must have the same shape"),
-        (np.zeros((4, 2)), np.zeros((4, 3)), "must have the same shape"),
-        (np.full((2, 2), np.nan), np.zeros((2, 2)), "NaN or infinite"),
-    ],
-)
-def test_bad_shapes_raise_value_error(audio, visual, message):
-    with pytest.raises(ValueError, match=message):
-        retrieval_recall(audio, visual)
+def _rank_recall(rank: int, port: int, audio: np.ndarray, visual: np.ndarray) -> dict[str, float]:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        return distributed_retrieval_recall(audio, visual, DistEnv(rank, 2, rank), "cpu")
+    finally:
+        dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ks", [(), (0,), (1, -5), (2.5,)])
-def test_bad_ks_raise_value_error(ks):
-    with pytest.raises(ValueError, match="ks must be positive integers"):
-        retrieval_recall(np.eye(3), np.eye(3), ks=ks)
+def _second_rank(port: int, audio, visual, queue) -> None:
+    queue.put(_rank_recall(1, port, audio, visual))
+
+
+def test_two_ranks_each_rank_half_and_agree_on_the_recall():
+    rng = np.random.default_rng(9)
+    audio = rng.normal(size=(51, 8))  # odd: the shares differ in size
+    visual = audio + rng.normal(size=(51, 8))
+    port = free_port()
+    ctx = mp.get_context("spawn")  # forking after torch's thread pools start can deadlock
+    queue = ctx.Queue()
+    child = ctx.Process(target=_second_rank, args=(port, audio, visual, queue))
+    child.start()
+    try:
+        first = _rank_recall(0, port, audio, visual)
+        second = queue.get(timeout=60)
+    finally:
+        child.join(timeout=30)
+    assert first == second == retrieval_recall(audio, visual)
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_agrees_with_the_replaced_float64_code():
+    """benchmarks/bench_retrieval.py checks the recall of both implementations against each
+    other on the rows it times (whole splits and query subsets), and exits 1 if they differ."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_retrieval.py"
+    proc = subprocess.run([sys.executable, str(script), "--clips", "300", "900", "--full-up-to", "300", "--queries", "128"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:]] == [["300", "300"], ["900", "128"]]

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -155,6 +156,7 @@ def test_resume_adds_new_params_and_records_changed_ones(
     first.log_params({"lr": 0.1, "epochs": 10})
     first.log_metrics({"loss": 2.0}, step=0)
     first.log_metrics({"loss": 1.5}, step=1)
+    first.flush()  # as the trainer does before it saves a checkpoint
     # ... the process dies without finish(); the checkpoint kept first.run_id.
 
     caplog.set_level(logging.WARNING)
@@ -236,6 +238,7 @@ def test_spool_of_an_outage_is_delivered_by_the_next_start(
     during_outage.log_params({"lr": 0.1})
     for step in range(3):
         during_outage.log_metrics({"loss": 3.0 - step}, step=step)
+    during_outage.flush()  # as the trainer does before it saves a checkpoint
     # ... the process dies; the restarted one finds the server up again.
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -263,6 +266,7 @@ def test_reconnects_in_process_once_mlflow_accepts_records_again(
 
     tracker = Tracker.start(tmp_path, experiment=experiment, reconnect_interval_s=0)
     tracker.log_metrics({"loss": 2.0}, step=0)
+    tracker.flush()
     assert tracker.run_id is None and len(spool_records(tmp_path)) == 2
     client.restore_experiment(experiment_id)
     tracker.log_metrics({"loss": 1.0}, step=1)  # reconnect due: the spool goes first
@@ -274,6 +278,35 @@ def test_reconnects_in_process_once_mlflow_accepts_records_again(
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert len(warnings_in(caplog)) == 1
     assert any("accepts records again" in r.getMessage() for r in caplog.records)
+
+
+def test_metrics_are_queued_while_mlflow_is_slow_and_sent_in_batches(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    threads_before = set(threading.enumerate())  # senders of earlier tests' unfinished runs included
+    tracker = Tracker.start(tmp_path, experiment=unique_experiment())
+    slow_server, metric_requests = threading.Event(), []
+    real_log_batch = MlflowClient.log_batch
+
+    def stalled_log_batch(self, run_id, metrics=(), **kw):
+        if metrics:
+            metric_requests.append(len(metrics))
+            slow_server.wait(60)  # a round trip that takes as long as the test wants
+        return real_log_batch(self, run_id, metrics=metrics, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", stalled_log_batch)
+    for step in range(50):  # every call returns while the first request is still in flight
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+    client = MlflowClient(mlflow_server)
+    assert metric_steps(client, tracker.run_id, "loss") == []
+    slow_server.set()
+    tracker.flush()
+    assert metric_steps(client, tracker.run_id, "loss") == list(range(50))
+    assert len(metric_requests) <= 3 and sum(metric_requests) == 100  # batched, not one request a step
+    tracker.finish()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert set(threading.enumerate()) <= threads_before  # the sender ended with the run
 
 
 # --- a dead server ----------------------------------------------------------------------------
@@ -386,9 +419,11 @@ def test_spool_is_flushed_on_a_short_backoff_while_the_run_goes_on(
     tracker = Tracker.start(tmp_path, experiment="outage", first_retry_s=0.5, reconnect_interval_s=2)
     for step in range(3):
         tracker.log_metrics({"loss": 1.0}, step=step)
+    tracker.flush()  # delivered before the outage
     own_server.stop(signal.SIGKILL)
     for step in range(3, 6):
         tracker.log_metrics({"loss": 1.0}, step=step)
+    tracker.flush()
     assert len(spool_records(tmp_path)) == 3
     own_server.start()
     step, deadline = 6, time.monotonic() + 30
@@ -397,6 +432,7 @@ def test_spool_is_flushed_on_a_short_backoff_while_the_run_goes_on(
         tracker.log_metrics({"loss": 1.0}, step=step)
         step += 1
         time.sleep(0.2)
+    tracker.flush()
     assert metric_steps(MlflowClient(own_server.url), tracker.run_id, "loss") == list(range(step))
     tracker.finish()
 
@@ -408,6 +444,7 @@ def test_records_of_a_run_that_ended_during_the_outage_are_sent_by_tracking_sync
     tracker = Tracker.start(tmp_path, experiment="outage")
     for step in range(5):
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.flush()
     own_server.stop(signal.SIGKILL)  # killed at step 5; the run goes on and ends before it is back
     for step in range(5, 24):
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)

@@ -1,5 +1,6 @@
 """Typed configuration and the paper's recipes as presets."""
 
+from avsiam.config.lr_schedule import LrSchedule
 from avsiam.config.presets import (
     RECIPES,
     SIZES,
@@ -10,18 +11,18 @@ from avsiam.config.presets import (
     preset_summary,
     resolve_recipe,
 )
-from avsiam.config.schema import ArchConfig, RecipeConfig, lr_at_epoch
+from avsiam.config.schema import ArchConfig, RecipeConfig
 
 __all__ = [
     "RECIPES",
     "SIZES",
     "ArchConfig",
     "ConfigError",
+    "LrSchedule",
     "RecipeConfig",
     "all_presets",
     "arch_config",
     "load_recipe_file",
-    "lr_at_epoch",
     "preset_summary",
     "resolve_recipe",
 ]

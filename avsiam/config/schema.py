@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from avsiam.config.lr_schedule import LrSchedule
+
 Stage = Literal["pretrain", "finetune"]
 Dataset = Literal["as2m", "as20k", "vggsound"]
 Loss = Literal["cl+mae", "bce", "ce"]
@@ -167,22 +169,9 @@ class RecipeConfig(StrictModel):
     @property
     def lr_schedule(self) -> list[float]:
         """Backbone lr for each 1-based epoch, as the published per-epoch MultiStepLR gives it."""
-        return [lr_at_epoch(self, e) for e in range(1, self.epochs + 1)]
+        schedule = LrSchedule.of(self)
+        return [schedule.epoch_lr(e) for e in range(1, self.epochs + 1)]
 
     @property
     def multi_label(self) -> bool:
         return self.loss == "bce"
-
-
-def lr_at_epoch(recipe: RecipeConfig, epoch: int) -> float:
-    """lr for 1-based ``epoch``: lr * rate**k, k = #milestones (start, start+step, ...) <= epoch-1.
-
-    This is ``MultiStepLR(milestones=range(start, 1000, step))`` stepped once at the end of each
-    epoch, which is what the published training loops do.
-    """
-    if epoch < 1:
-        raise ValueError(f"epochs are 1-based, got {epoch}")
-    done = epoch - 1
-    start, step = recipe.lr_decay_start_epoch, recipe.lr_decay_step
-    milestones_passed = 0 if done < start else (done - start) // step + 1
-    return recipe.lr * recipe.lr_decay_rate**milestones_passed

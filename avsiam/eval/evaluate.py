@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 from avsiam.config import RecipeConfig
 from avsiam.data.datasets import EvalClips
 from avsiam.data.index import load_index
-from avsiam.eval.predict import embed_clips, eval_loader, predict_probabilities
+from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, write_report
-from avsiam.eval.retrieval import retrieval_recall
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe
 from avsiam.train.distributed import init_distributed, on_cpu
 
@@ -52,7 +51,7 @@ def evaluate(recipe: RecipeConfig, weights: str | Path, data: str | Path, output
         model = build_pretrain_model_from_recipe(recipe).to(device)
         load_weights(model, weights)
         audio, visual = embed_clips(model.encoder, loader, device=device)
-        results: dict[str, Any] = {"metric": "retrieval", "split": split, "num_clips": len(dataset), **retrieval_recall(audio, visual)}
+        results: dict[str, Any] = {"metric": "retrieval", "split": split, "num_clips": len(dataset), **distributed_retrieval_recall(audio, visual, env, device)}
         if env.is_main:
             output.mkdir(parents=True, exist_ok=True)
             (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from avsiam.data.datasets import EvalClips
 from avsiam.data.sampler import DistributedClipSampler
+from avsiam.eval.metrics import ArrayLike
+from avsiam.eval.retrieval import checked_ks, normalised_pairs, rank_counts, recall_summary
 from avsiam.model.finetune import frame_averaged_probabilities
 from avsiam.train.distributed import DistEnv, gather_objects
 
@@ -102,3 +104,20 @@ def embed_clips(
     finally:
         encoder.train(was_training)
     return out["audio"], out["visual"]
+
+
+def distributed_retrieval_recall(
+    audio_emb: ArrayLike, visual_emb: ArrayLike, env: DistEnv, device: torch.device | str, ks=(1, 5, 10)
+) -> dict[str, float]:
+    """:func:`~avsiam.eval.retrieval.retrieval_recall` of embeddings every rank holds, computed
+    once: each rank computes a contiguous 1/world of the similarity matrix's rows on ``device``
+    and the rank counts are gathered (collective: all ranks must call it with the same
+    embeddings)."""
+    ks = checked_ks(ks)
+    audio, visual = normalised_pairs(audio_emb, visual_emb, device)
+    n = audio.shape[0]
+    share = range(env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size)
+    gathered = gather_objects(rank_counts(audio, visual, share))  # in rank order: the shares are rows 0..n-1
+    a2v = np.concatenate([a2v for a2v, _ in gathered])
+    v2a = np.sum([v2a for _, v2a in gathered], axis=0)
+    return {**recall_summary("a2v", a2v, ks), **recall_summary("v2a", v2a, ks)}

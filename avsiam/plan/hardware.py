@@ -67,6 +67,17 @@ def gpu_spec(name: str) -> Gpu:
     return KNOWN_GPUS[name]
 
 
+def gpu_of_device(device_name: str, memory_bytes: int) -> Gpu:
+    """The known card behind a CUDA device (``torch.cuda.get_device_name`` and its total
+    memory): the model from the name, the variant from the memory."""
+    name = device_name.lower()
+    models = [gpu for gpu in KNOWN_GPUS.values() if gpu.name.split("-")[0] in name]
+    if not models:
+        raise ConfigError(f"GPU {device_name!r} is not one the planner knows ({', '.join(KNOWN_GPUS)}); pass --gpu")
+    # Variants differ in memory: the one nearest the device's (drivers report a little less).
+    return min(models, key=lambda gpu: abs(gpu.memory_bytes - memory_bytes))
+
+
 def cluster_gpu(gpu_type: str) -> Gpu:
     """The card of a recipe's ``gpu_type`` (``CPU`` recipes have none: the caller must name one)."""
     if gpu_type not in CLUSTER_GPUS:

@@ -38,6 +38,16 @@ duplicates), params go through the same only-new-keys rule, tags and artifacts o
 Records of a run whose creation never reached MLflow carry no run id; they go to the run
 this output directory's tracker ends up with.
 
+Off the training thread: :meth:`Tracker.log_metrics`, the one call a step makes, only queues
+its record; a sender thread delivers what has queued, at most once every ``SEND_INTERVAL_S``,
+as one ``log_batch`` (or spools it), so neither a round trip nor an outage ever waits in the
+step loop, and fast steps cost the server one request a second, not one a step. Every other
+call (params, tags, artifacts, the run's start and end: a few per run) first waits for the
+queue to drain, then is delivered in order, and :meth:`Tracker.flush` waits for it explicitly
+(the trainer calls it before a checkpoint, so a killed run loses no record of the steps it
+will not redo). MLflow's own ``log_batch(synchronous=False)`` is not used: it reports a
+failure only to a caller that waits for the result, which is what the spool replaces.
+
 HTTP budget: MLflow's client retries a failed request 7 times with exponential backoff and
 waits 120 s per request by default, minutes of stalled training per call against a dead
 server. The tracker has its own recovery, so its metadata calls run with a 5 s timeout and
@@ -58,6 +68,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -83,6 +94,7 @@ PARAM_CHANGED_TAG_PREFIX = "avsiam.param_changed."
 MAX_TAG_VALUE_LENGTH = 8000  # MLflow rejects longer tag values
 DEFAULT_FIRST_RETRY_S = 5.0
 DEFAULT_RECONNECT_INTERVAL_S = 120.0  # the longest wait between two delivery attempts
+SEND_INTERVAL_S = 1.0  # the sender thread's shortest interval between two metric deliveries
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 Record = dict[str, Any]
@@ -158,9 +170,9 @@ class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def append(self, record: Record) -> None:
+    def append(self, records: list[Record]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(record) + "\n" for record in records))
 
     def read(self) -> list[Record]:
         if not self.path.exists():
@@ -225,6 +237,15 @@ class Tracker:
         self._degraded = spool.path.exists()
         self._outage_reported = False
         self._next_reconnect = 0.0
+        # The queue of metric records and its sender thread (module docstring, "Off the
+        # training thread"); one delivery at a time, whichever thread sends it.
+        self._queued: list[Record] = []
+        self._sending = False
+        self._queue_changed = threading.Condition()
+        self._sender: threading.Thread | None = None
+        self._closing = False
+        self._flushing = 0  # callers waiting in flush(): the sender goes now
+        self._delivery = threading.RLock()
 
     @classmethod
     def start(
@@ -283,14 +304,27 @@ class Tracker:
         self._submit({"kind": "params", "params": flatten_params(params)})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._submit(
-            {
-                "kind": "metrics",
-                "step": 0 if step is None else int(step),
-                "timestamp": _now_ms(),
-                "metrics": {metric_key(key): float(value) for key, value in metrics.items()},
-            }
-        )
+        """Queue one step's metrics for the sender thread; returns at once."""
+        record = {
+            "kind": "metrics",
+            "step": 0 if step is None else int(step),
+            "timestamp": _now_ms(),
+            "metrics": {metric_key(key): float(value) for key, value in metrics.items()},
+        }
+        with self._queue_changed:
+            self._queued.append(record)
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_queued, name="avsiam-tracking", daemon=True)
+                self._sender.start()
+            self._queue_changed.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every queued metric record is delivered or spooled."""
+        with self._queue_changed:
+            self._flushing += 1
+            self._queue_changed.notify_all()
+            self._queue_changed.wait_for(lambda: not self._queued and not self._sending)
+            self._flushing -= 1
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self._submit({"kind": "tags", "tags": {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}})
@@ -304,10 +338,20 @@ class Tracker:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
         self._submit({"kind": "status", "status": status, "end_time": _now_ms()}, reconnect_now=True)
+        with self._queue_changed:
+            sender, self._sender, self._closing = self._sender, None, True
+            self._queue_changed.notify_all()
+        if sender is not None:
+            sender.join()
+        self._closing = False
 
     def replay_spool(self) -> int:
         """Re-send the spooled records; returns how many MLflow accepted. On a failure the rest
         stays spooled and the tracker stays (or becomes) degraded; never raises."""
+        with self._delivery:
+            return self._replay_spool()
+
+    def _replay_spool(self) -> int:
         records = self._spool.read()
         sent = 0
         for batch in _delivery_batches(records):
@@ -336,22 +380,49 @@ class Tracker:
 
     # --- delivery ---------------------------------------------------------------------------
 
-    def _submit(self, record: Record, *, reconnect_now: bool = False) -> None:
-        record["run_id"] = self.run_id
-        record["tracking_uri"] = self.tracking_uri  # redacted: where a later sync must send it
-        if self._degraded:
-            self._spool.append(record)
-            if reconnect_now or time.monotonic() >= self._next_reconnect:
-                self.replay_spool()
-            return
-        try:
-            self._deliver([record])
-        # MLflow's stores raise from requests, sqlalchemy, alembic, botocore and boto3 as well
-        # as MlflowException, and no tracking failure may stop training; the warning names
-        # the exception type, so a bug still shows.
-        except Exception as exc:  # noqa: BLE001
-            self._spool.append(record)
-            self._enter_degraded(exc)
+    def _send_queued(self) -> None:
+        """The sender thread: deliver (or spool) everything queued since its last delivery."""
+        last_send = -SEND_INTERVAL_S
+        while True:
+            with self._queue_changed:
+                self._queue_changed.wait_for(lambda: self._queued or self._closing)
+                if not self._queued:
+                    return  # the run has ended
+                self._queue_changed.wait_for(lambda: self._flushing or self._closing,
+                                             timeout=last_send + SEND_INTERVAL_S - time.monotonic())
+                records, self._queued = self._queued, []
+                self._sending = True
+            last_send = time.monotonic()
+            try:
+                self._submit(records)
+            finally:
+                with self._queue_changed:
+                    self._sending = False
+                    self._queue_changed.notify_all()
+
+    def _submit(self, records: Record | list[Record], *, reconnect_now: bool = False) -> None:
+        """Deliver ``records`` (one record, or consecutive metric records) after everything
+        submitted before them, or spool them."""
+        if isinstance(records, dict):
+            self.flush()  # the queued metrics go first
+            records = [records]
+        with self._delivery:
+            for record in records:
+                record["run_id"] = self.run_id
+                record["tracking_uri"] = self.tracking_uri  # redacted: where a later sync must send it
+            if self._degraded:
+                self._spool.append(records)
+                if reconnect_now or time.monotonic() >= self._next_reconnect:
+                    self.replay_spool()
+                return
+            try:
+                self._deliver(records)
+            # MLflow's stores raise from requests, sqlalchemy, alembic, botocore and boto3 as well
+            # as MlflowException, and no tracking failure may stop training; the warning names
+            # the exception type, so a bug still shows.
+            except Exception as exc:  # noqa: BLE001
+                self._spool.append(records)
+                self._enter_degraded(exc)
 
     def _enter_degraded(self, exc: Exception) -> None:
         self._degraded = True
@@ -553,6 +624,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def finish(self, status: RunStatus = "FINISHED") -> None:

@@ -16,9 +16,8 @@ from avsiam.config import ConfigError, RecipeConfig
 from avsiam.data.datasets import EvalClips, FinetuneClips, PretrainClips, StagedClips
 from avsiam.data.index import DatasetIndex
 from avsiam.data.sampler import class_balanced_weights, mix_seed
-from avsiam.eval.predict import embed_clips, eval_loader, predict_probabilities
+from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, metric_name
-from avsiam.eval.retrieval import retrieval_recall
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
 from avsiam.model.finetune import draw_training_head
 from avsiam.train.distributed import DistEnv
@@ -99,11 +98,11 @@ class PretrainTask(Task):
         extras = {k: float(v) for k, v in out.items() if k != "loss"}
         return out["loss"], extras
 
-    def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext, env: DistEnv) -> dict[str, float]:
         """Audio-visual retrieval recall@k on held-out clips: did pretraining learn anything?"""
         audio, visual = embed_clips(model.encoder, loader, device=ctx.device, dtype=ctx.dtype)
         require_finite({"audio embeddings": audio, "visual embeddings": visual}, ctx.step, "validation")
-        return retrieval_recall(audio, visual)
+        return distributed_retrieval_recall(audio, visual, env, ctx.device)
 
     selection_metric = "a2v_R1"
 
@@ -134,7 +133,7 @@ class FinetuneTask(Task):
             loss = -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
         return loss, {"head": head}
 
-    def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: StepContext, env: DistEnv) -> dict[str, float]:
         multi_label = self.index.multi_label
         probs = predict_probabilities(model, loader, multi_label=multi_label, device=ctx.device, dtype=ctx.dtype)
         require_finite({f"{head} probabilities": p for head, p in probs.items()}, ctx.step, "validation")

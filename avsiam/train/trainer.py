@@ -35,7 +35,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from avsiam import __version__
-from avsiam.config import ConfigError, RecipeConfig, lr_at_epoch
+from avsiam.config import ConfigError, LrSchedule, RecipeConfig
 from avsiam.data.index import load_index
 from avsiam.data.sampler import DistributedClipSampler, mix_seed
 from avsiam.tracking import flatten_params, make_tracker, redact_credentials
@@ -144,6 +144,7 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
             return elapsed_before + time.perf_counter() - started
 
         def save(next_epoch: int, next_step: int) -> str:
+            tracker.flush()  # the steps a resume will not redo are in MLflow or the spool first
             client_state = {
                 "epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
                 "sampler": {"epoch": next_epoch, "start": next_step * per_step, "seed": recipe.seed},
@@ -160,13 +161,13 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
         loader = DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, sampler=sampler, num_workers=recipe.num_workers,
                             drop_last=True, pin_memory=not cpu, persistent_workers=recipe.num_workers > 0)
         engine.train()
+        schedule = LrSchedule.of(recipe)
         while epoch <= recipe.epochs and global_step < total_steps:
-            epoch_lr = lr_at_epoch(recipe, epoch)
             sampler.set_epoch(epoch, start=step_in_epoch * per_step)
             batches = iter(loader)
             timer = StepTimer()
             while step_in_epoch < steps_per_epoch and global_step < total_steps:
-                lr = epoch_lr * min(1.0, (global_step + 1) / recipe.warmup_steps) if recipe.warmup_steps else epoch_lr
+                lr = schedule.step_lr(epoch, global_step)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 losses, extras = [], {}
@@ -207,7 +208,7 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
                 break
             summary = {"epoch": epoch, "global_step": global_step, "tag": checkpointing.step_tag(global_step)}
             if val_loader is not None:
-                summary.update(task.validate(engine.module, val_loader, step_context(recipe.seed, env, global_step, 0, device, dtype)))
+                summary.update(task.validate(engine.module, val_loader, step_context(recipe.seed, env, global_step, 0, device, dtype), env))
                 tracker.log_metrics({f"val_{k}": v for k, v in summary.items() if isinstance(v, float)}, step=global_step)
             history.append(summary)
             epoch, step_in_epoch = epoch + 1, 0

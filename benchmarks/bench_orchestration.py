@@ -1,0 +1,89 @@
+"""Orchestration overhead of the pipeline: Prefect + MLflow + launch, as a share of training.
+
+Runs the ``avsiam`` flow on ephemeral Prefect (``--profile``, default ``demo``: what ``make
+demo`` runs) into a fresh folder, then reads back from Prefect's API each stage task's run
+time and from each training stage's ``summary.json`` the time the training loop itself ran
+(``wall_seconds``: every optimizer step, epoch-end validation and checkpoint). A training
+stage's overhead is the rest of its task: the Prefect task and its cache record, the MLflow
+stage run, launching the ranks (``deepspeed`` launcher, Python and library imports, process
+group, ``deepspeed.initialize``, the dataset index and its start-up check, the model build)
+and, after the loop, consolidating the weights (``zero_to_fp32``) and the summary. The
+flow's own time outside its tasks is reported too.
+
+    .venv/bin/python benchmarks/bench_orchestration.py [--profile demo] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def covered_seconds(task_runs) -> float:
+    """Seconds covered by at least one task run (a subflow's run lies inside its task's)."""
+    covered, reach = 0.0, None
+    for run in task_runs:  # sorted by start time
+        if reach is None or run.start_time > reach:
+            covered += (run.end_time - run.start_time).total_seconds()
+            reach = run.end_time
+        elif run.end_time > reach:
+            covered += (run.end_time - reach).total_seconds()
+            reach = run.end_time
+    return covered
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--out", type=Path, default=None, help="a new folder for the run (default: a temporary one)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = (args.out or Path(tmp) / "run").resolve()
+        if out.exists() and any(out.iterdir()):
+            print(f"{out} is not empty: the stages would be cached, not run", file=sys.stderr)
+            return 2
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        out.mkdir(parents=True, exist_ok=True)
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        from flows.pipeline import avsiam_pipeline
+
+        began = time.perf_counter()
+        state = avsiam_pipeline(profile=args.profile, output_dir=str(out), return_state=True)
+        flow_seconds = time.perf_counter() - began
+        if not state.is_completed():
+            print(f"the flow run ended {state.type.value}: {state.message}", file=sys.stderr)
+            return 1
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        task_runs = sorted((t for t in task_runs if t.start_time and t.end_time), key=lambda t: t.start_time)
+        # The stage folders' summaries (MLflow's local artifact store holds copies).
+        summaries = [json.loads(p.read_text()) for p in sorted([*out.glob("pretrain/*/summary.json"), *out.glob("finetune/*/*/summary.json")])]
+        summaries.sort(key=lambda s: s["stage"] != "pretrain")
+        train_runs = [t for t in task_runs if t.name.startswith("train")]
+        if len(train_runs) != len(summaries):
+            print(f"{len(train_runs)} train task runs but {len(summaries)} training summaries under {out}", file=sys.stderr)
+            return 1
+
+        print(f"profile {args.profile}: flow {flow_seconds:.1f} s (in-process, ephemeral Prefect)")
+        print(f"{'stage':>28} {'task s':>8} {'training loop s':>16} {'overhead s':>11} {'share of training':>18}")
+        for run, summary in zip(train_runs, summaries):
+            task_s = (run.end_time - run.start_time).total_seconds()
+            loop_s = summary["wall_seconds"]
+            name = f"{summary['stage']} {summary['recipe']}"
+            print(f"{name:>28} {task_s:8.1f} {loop_s:16.1f} {task_s - loop_s:11.1f} {100 * (task_s - loop_s) / loop_s:17.1f}%")
+        for run in task_runs:
+            if not run.name.startswith("train"):
+                print(f"{run.name:>28} {(run.end_time - run.start_time).total_seconds():8.1f}")
+        print(f"{'flow outside its tasks':>28} {flow_seconds - covered_seconds(task_runs):8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
