@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from avsiam import __version__
+from avsiam.storage.digest import file_digest
 from avsiam.train.divergence import DIVERGED_EXIT_STATUS
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings
@@ -66,14 +67,6 @@ def stage_key(stage: str, payload: Any) -> str:
 
 def _key_from_parameters(_context, parameters: dict[str, Any]) -> str:
     return parameters["key"]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _run_command(entry: list[str], launcher: LauncherSettings | None, env: dict[str, str], log_line) -> int:
@@ -214,7 +207,7 @@ def train_stage(
         raise
     run.finish()
     return TrainManifest(stage=stage, recipe=recipe, run_dir=str(out), weights_path=str(weights),
-                         weights_digest=_file_sha256(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
+                         weights_digest=file_digest(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
                          final_validation={k: v for k, v in summary.get("final_validation", {}).items() if isinstance(v, (int, float))},
                          mlflow_run_id=run.run_id)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import requests
 
 from avsiam.data.staging import StagingRequest, stage_dataset
+from avsiam.launch.local import free_port
 
 
 def avsiam(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -43,12 +43,6 @@ def stage_synthetic(ds, out: Path, clips_per_shard: int = 8, workers: int = 1) -
 
 
 SERVER_START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from avsiam.launch.local import free_port
 from avsiam.model.contrastive import gather_with_grad, info_nce
 
 
@@ -52,9 +52,7 @@ def test_global_batch_gather_gives_the_exact_gradient_after_ddp_averaging() -> N
     reference = features.clone().requires_grad_(True)
     expected_loss, _ = info_nce(reference[0], reference[1], 0.05)
     expected_loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_second_rank, args=(port, features, queue))

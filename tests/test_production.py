@@ -21,6 +21,8 @@ import boto3
 import psycopg2
 import pytest
 
+from avsiam.launch.local import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +32,6 @@ FAST = ["batch_size_per_gpu=4", "num_workers=0", "arch.depth=2"]
 DATASET = {"source": "synthetic", "synthetic": {"classes": 4, "clips": 40, "seed": 3}}
 DATA_STORE = "s3://avsiam-data/staged"  # staged shards go to S3 and training reads them from there
 TRACKING_PASSWORD = "hunter2-tracking"  # in MLFLOW_TRACKING_URI; never to appear in a log
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, timeout: float = 120) -> None:

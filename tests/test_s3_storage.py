@@ -274,3 +274,17 @@ def test_check_access_tells_refused_credentials_from_denied_access(bucket, s3_en
         _set_moto_auth(s3_env, enabled=False)
     for message in (str(unknown_key.value), str(denied.value)):
         assert key["AccessKeyId"] not in message and key["SecretAccessKey"] not in message and "testing" not in message
+
+
+def test_file_digest_reads_in_blocks_what_hashlib_and_zlib_compute_whole(tmp_path, monkeypatch):
+    import zlib
+
+    from avsiam.storage import digest
+
+    monkeypatch.setattr(digest, "_BLOCK", 7)  # many blocks, the last one partial
+    data = os.urandom(100)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert digest.file_digest(path) == hashlib.sha256(data).hexdigest()
+    assert digest.file_digest(path, "md5") == hashlib.md5(data).hexdigest()
+    assert digest.file_digest(path, "crc32") == f"{zlib.crc32(data):08x}"

@@ -59,6 +59,8 @@ from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tqdm import tqdm
 
+from avsiam.storage.digest import file_digest
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -526,14 +528,14 @@ def _sync_file(
 def _same_content(client, bucket: str, remote: ObjectInfo, path: Path) -> bool:
     if remote.size != path.stat().st_size:
         return False
-    if _MD5_HEX.match(remote.etag) and _file_digest(path, "md5") == remote.etag:
+    if _MD5_HEX.match(remote.etag) and file_digest(path, "md5") == remote.etag:
         return True  # the listing alone proves it, without a request
     expected = _expected_digest(client.head_object(Bucket=bucket, Key=remote.key, ChecksumMode="ENABLED"))
     return expected is not None and _mismatch(path, remote.size, expected) is None
 
 
 def _upload(client, path: Path, bucket: str, key: str, config: TransferConfig, on_bytes: Callable[[int], None] | None) -> None:
-    metadata = {SHA256_METADATA: _file_digest(path, "sha256")}
+    metadata = {SHA256_METADATA: file_digest(path, "sha256")}
     client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": metadata}, Config=config, Callback=on_bytes)
 
 
@@ -566,24 +568,5 @@ def _mismatch(path: Path, size: int, expected: tuple[str, str] | None) -> str | 
     if expected is None:
         return None
     algorithm, digest = expected
-    actual = _file_digest(path, algorithm)
+    actual = file_digest(path, algorithm)
     return None if actual == digest else f"{algorithm} {actual} != {digest}"
-
-
-def _file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of the file: ``crc32`` (big-endian, as S3 encodes it), or a hashlib name."""
-    if algorithm == "crc32":
-        value = 0
-        for block in _blocks(path):
-            value = zlib.crc32(block, value)
-        return f"{value:08x}"
-    digest = hashlib.new(algorithm, usedforsecurity=False)  # MD5 here is an integrity check; FIPS builds allow it so
-    for block in _blocks(path):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def _blocks(path: Path, size: int = 8 * MiB) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while block := fh.read(size):
-            yield block
