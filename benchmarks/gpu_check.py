@@ -18,6 +18,7 @@ first FusedAdam build included) takes 2-4 minutes:
 
     .venv/bin/python benchmarks/gpu_check.py                       # base, bf16 and fp16, batch 96
     .venv/bin/python benchmarks/gpu_check.py --json gpu_check.json --steps 20
+    .venv/bin/python benchmarks/gpu_check.py --torch-adam      # a device without nvcc
 
 ``--device cpu --model tiny --precisions fp32 --batch 2`` runs the same code on the CPU (no
 MFU without ``--peak-tflops``, no GPU memory): what the tests do.
@@ -26,6 +27,7 @@ MFU without ``--peak-tflops``, no GPU memory): what the tests do.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -62,8 +64,10 @@ def check_precision(args, precision: str, env, device: torch.device, gpu) -> dic
     model = task.build_model(None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=task.param_groups(model),
-                                      config=deepspeed_config(recipe, 1, device.type == "cpu"))
+    config = deepspeed_config(recipe, 1, device.type == "cpu")
+    if args.torch_adam:  # no FusedAdam JIT build (it needs nvcc); the step runs torch's Adam
+        config["optimizer"]["params"]["torch_adam"] = True
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=task.param_groups(model), config=config)
     b, arch = recipe.batch_size_per_gpu, recipe.arch
     batch = {"audio": torch.randn(b, arch.audio_frames, arch.mel_bins), "frame": torch.randn(b, 3, arch.img_size, arch.img_size)}
     times, losses = [], []
@@ -84,7 +88,8 @@ def check_precision(args, precision: str, env, device: torch.device, gpu) -> dic
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (gpu.peak_flops.get(precision) if gpu else None)
     result = {
         "model": recipe.model, "recipe": recipe.recipe, "precision": precision, "batch_per_gpu": b,
-        "zero_stage": recipe.zero_stage, "steps": args.steps, "step_s": step_s, "samples_per_s": samples_per_s,
+        "zero_stage": recipe.zero_stage, "optimizer": "torch Adam" if config["optimizer"]["params"].get("torch_adam") else "FusedAdam",
+        "steps": args.steps, "step_s": step_s, "samples_per_s": samples_per_s,
         "flops_per_sample": flops, "achieved_tflops": flops * samples_per_s / 1e12,
         "mfu": flops * samples_per_s / peak if peak else None,
         "losses_finite": all(map(math.isfinite, losses)),
@@ -99,6 +104,7 @@ def check_precision(args, precision: str, env, device: torch.device, gpu) -> dic
     if precision == "fp16":
         result.update({"loss_scale": float(engine.optimizer.cur_scale), "skipped_steps": int(engine.skipped_steps)})
     del engine, model
+    gc.collect()  # the engine holds reference cycles: free its memory before the next precision
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -128,6 +134,8 @@ def main() -> int:
     parser.add_argument("--gpu", default=None, help="the planner's GPU name (default: detected from the device)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the peak to compute MFU against (default: the card's)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--torch-adam", action="store_true",
+                        help="torch's Adam instead of DeepSpeed's FusedAdam (whose first use JIT-builds it with nvcc)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
