@@ -115,6 +115,27 @@ def test_published_layout_maps_onto_the_shared_encoder(tmp_path) -> None:
     assert len(report.loaded) == len(target.state_dict())
 
 
+@pytest.mark.parametrize("size", ["large", "huge"])
+def test_published_large_and_huge_layouts_load_like_base(size: str) -> None:
+    # Their model classes hold the shared ViT as vit_large / vit_huge; the rest is Base's layout.
+    arch = tiny_arch(input_doubling=True)
+    source = randomised(build_finetune_model(arch, NUM_CLASSES), seed=4)
+    checkpoint = {k.replace("module.vit_base.", f"module.vit_{size}."): v for k, v in published_checkpoint(source).items()}
+    target = build_finetune_model(arch, NUM_CLASSES)
+    report = load_pretrained(target, checkpoint)
+    assert_same_parameters(source, target)
+    assert not report.missing and not report.unexpected
+    assert f"module.vit_{size}.cls_token" in report.dropped
+
+
+def test_a_published_checkpoint_of_another_size_names_the_model_to_use() -> None:
+    checkpoint = {k.replace("module.vit_base.", "module.vit_large."): v
+                  for k, v in published_checkpoint(build_finetune_model(tiny_arch(), NUM_CLASSES)).items()}
+    wider = build_finetune_model(tiny_arch(embed_dim=64, num_heads=4), NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"published vit_large checkpoint .* pass --model large"):
+        load_pretrained(wider, checkpoint)
+
+
 def test_published_layout_needs_the_shared_encoder() -> None:
     checkpoint = published_checkpoint(build_finetune_model(tiny_arch(), NUM_CLASSES))
     separate = build_finetune_model(tiny_arch(encoder="separate"), NUM_CLASSES)

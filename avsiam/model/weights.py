@@ -8,8 +8,8 @@ Files are read with ``safetensors`` or ``torch.load(weights_only=True)``: nothin
   start as copies of the last blocks.
 * :func:`load_pretrained` loads a pretrained model into a pretraining or finetuning model, from
   this project's state dict (``encoder.*``, ``fusion.*``; the decoder is dropped when the model
-  has none) or from the published AVSiam checkpoint layout (``module.vit_base.*``,
-  ``mm_layer_*``, ...), and reports what matched.
+  has none) or from the published AVSiam checkpoint layouts (``module.vit_base.*``,
+  ``module.vit_large.*``, ``module.vit_huge.*``, ``mm_layer_*``, ...), and reports what matched.
 """
 
 from __future__ import annotations
@@ -171,21 +171,24 @@ def init_from_timm_vit(
 
 # The published checkpoint layout (GenjiB/AVSiam, implementation notes sections 4 and 8), after
 # the DDP "module." prefix is removed. A rule maps a key to this project's name or, with None,
-# drops a tensor known to have no place here. The first matching rule wins.
+# drops a tensor known to have no place here. The first matching rule wins. The shared ViT is
+# ``vit_base`` in the Base model class, ``vit_large`` / ``vit_huge`` in the Large and Huge ones,
+# with the same structure below the prefix; "{vit}" in a rule stands for any of the three.
+_PUBLISHED_VIT = re.compile(r"^vit_(base|large|huge)\.")
 _DROP = None
 _Rule = tuple[re.Pattern, str | Callable[[re.Match], str] | None]
 _PUBLISHED_RULES: list[_Rule] = [
-    (re.compile(p), r)
+    (re.compile(p.replace("{vit}", "vit_(?:base|large|huge)")), r)
     for p, r in [
-        (r"^vit_base\.patch_embed\.proj\.", "encoder.patch_embed.visual.proj."),
-        (r"^vit_base\.patch_embed_a\.proj\.", "encoder.patch_embed.audio.proj."),
-        (r"^vit_base\.pos_embed$", "encoder.pos_embed.visual"),  # its cls slot is removed below
-        (r"^vit_base\.pos_embed_a$", "encoder.pos_embed.audio"),
-        (r"^vit_base\.blocks\.(\d+)\.norm([12])_a\.", r"encoder.blocks.\1.norm\2.audio."),
-        (r"^vit_base\.blocks\.(\d+)\.norm([12])_v\.", r"encoder.blocks.\1.norm\2.visual."),
-        (r"^vit_base\.blocks\.(\d+)\.(attn|mlp)\.", r"encoder.blocks.\1.\2."),
-        (r"^vit_base\.norm_a\.", "encoder.norm.audio."),
-        (r"^vit_base\.norm\.", "encoder.norm.visual."),
+        (r"^{vit}\.patch_embed\.proj\.", "encoder.patch_embed.visual.proj."),
+        (r"^{vit}\.patch_embed_a\.proj\.", "encoder.patch_embed.audio.proj."),
+        (r"^{vit}\.pos_embed$", "encoder.pos_embed.visual"),  # its cls slot is removed below
+        (r"^{vit}\.pos_embed_a$", "encoder.pos_embed.audio"),
+        (r"^{vit}\.blocks\.(\d+)\.norm([12])_a\.", r"encoder.blocks.\1.norm\2.audio."),
+        (r"^{vit}\.blocks\.(\d+)\.norm([12])_v\.", r"encoder.blocks.\1.norm\2.visual."),
+        (r"^{vit}\.blocks\.(\d+)\.(attn|mlp)\.", r"encoder.blocks.\1.\2."),
+        (r"^{vit}\.norm_a\.", "encoder.norm.audio."),
+        (r"^{vit}\.norm\.", "encoder.norm.visual."),
         # The published fusion layers always run with their audio norms.
         (r"^mm_layer_(\d+)\.norm([12])_a\.", lambda m: f"fusion.{int(m[1]) - 1}.norm{m[2]}."),
         (r"^mm_layer_(\d+)\.(attn|mlp)\.", lambda m: f"fusion.{int(m[1]) - 1}.{m[2]}."),
@@ -193,9 +196,9 @@ _PUBLISHED_RULES: list[_Rule] = [
         (r"^mlp_head_a\.", "heads.audio."),
         (r"^mlp_head_mm\.", "heads.multimodal."),
         # Known tensors with no place in this model:
-        (r"^vit_base\.blocks\.\d+\.norm[12]\.", _DROP),  # generic norms, unused by the shared path
+        (r"^{vit}\.blocks\.\d+\.norm[12]\.", _DROP),  # generic norms, unused by the shared path
         (r"^mm_layer_\d+\.norm[12](_v)?\.", _DROP),  # fusion norms never used
-        (r"^vit_base\.(cls_token$|head\.)", _DROP),  # no cls token; the dead in21k classifier
+        (r"^{vit}\.(cls_token$|head\.)", _DROP),  # no cls token; the dead in21k classifier
         (r"^my_blocks\.", _DROP),  # the same tensors as vit_base.blocks, saved twice
         (r"^my_patch_embed", _DROP),  # unused copies of the patch embeddings
         (r"^ast_base\.", _DROP),  # the Base .py's audio ViT copy for the MAE step
@@ -226,6 +229,18 @@ def convert_published_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[Sta
     return converted, sorted(dropped), sorted(unrecognised)
 
 
+def _check_published_size(source: str, size: str, converted: StateDict, model: nn.Module) -> None:
+    """A published Large checkpoint cannot fill a Base model: say so before torch's shape errors."""
+    key = "encoder.patch_embed.visual.proj.weight"
+    ours = model.state_dict().get(key)
+    if key not in converted or ours is None:
+        return  # a missing encoder tensor is reported by the load itself
+    file_shape, model_shape = tuple(converted[key].shape), tuple(ours.shape)
+    if file_shape != model_shape:
+        raise ValueError(f"{source}: a published vit_{size} checkpoint (patch embedding {list(file_shape)}) does not fit "
+                         f"this model (patch embedding {list(model_shape)}); pass --model {size}")
+
+
 def load_pretrained(model: nn.Module, checkpoint: StateDict | str | Path) -> LoadReport:
     """Load a pretrained encoder (and fusion layers, and heads if present) into ``model``.
 
@@ -238,8 +253,12 @@ def load_pretrained(model: nn.Module, checkpoint: StateDict | str | Path) -> Loa
     source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "state dict"
     state = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
     names = [k.removeprefix("module.") for k in state]
-    if any(n.startswith("vit_base.") for n in names):
+    published = sorted({match[1] for n in names if (match := _PUBLISHED_VIT.match(n))})
+    if len(published) > 1:
+        raise ValueError(f"{source}: published layout with several ViTs ({', '.join(f'vit_{p}' for p in published)})")
+    if published:
         converted, dropped, unrecognised = convert_published_state_dict(state)
+        _check_published_size(source, published[0], converted, model)
         if not model.encoder.input_doubling:
             logger.warning("%s: published AVSiam weights expect input_doubling=True; this model has it off", source)
     elif any(n.startswith("encoder.") for n in names):
@@ -249,7 +268,8 @@ def load_pretrained(model: nn.Module, checkpoint: StateDict | str | Path) -> Loa
         converted = {k: v for k, v in converted.items() if k not in dropped}
         unrecognised = []
     else:
-        raise ValueError(f"{source}: neither this project's layout (encoder.*) nor the published one (vit_base.*)")
+        raise ValueError(f"{source}: neither this project's layout (encoder.*) nor the published one "
+                         "(vit_base.*, vit_large.*, vit_huge.*)")
     result = model.load_state_dict(converted, strict=False)
     missing = sorted(result.missing_keys)
     missing_encoder = [k for k in missing if k.startswith("encoder.")]
