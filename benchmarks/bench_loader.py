@@ -73,6 +73,13 @@ def write_per_file_layout(index, root: Path) -> None:
             (folder / f"{k}.jpg").write_bytes(sample.media(member))
 
 
+def staged_train_split(root: Path, clips: int):
+    """The index of ``clips`` synthetic clips of 8 classes staged as one train split (32 a shard)."""
+    ds = generate_synthetic_dataset(root / "raw", 8, clips, seed=0, workers=2, progress=False)
+    return stage_dataset(StagingRequest(labels=[ds.labels_csv], out=root / "staged", videos=ds.videos_dir, split="train",
+                                        val_fraction=0, clips_per_shard=32)).index
+
+
 def rate_in_process(dataset, keys) -> float:
     start = time.perf_counter()
     for key in keys:
@@ -98,9 +105,7 @@ def main() -> int:
     recipe = resolve_recipe("base", "pretrain_as2m")
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         root = Path(tmp)
-        ds = generate_synthetic_dataset(root / "raw", 8, args.clips, seed=0, workers=2, progress=False)
-        index = stage_dataset(StagingRequest(labels=[ds.labels_csv], out=root / "staged", videos=ds.videos_dir, split="train",
-                                             val_fraction=0, clips_per_shard=32)).index
+        index = staged_train_split(root, args.clips)
         write_per_file_layout(index, root / "per_file")
         datasets = {
             "shards": PretrainClips(index, "train", recipe),

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_loader import staged_train_split  # the same staged clips as the loader benchmark
 
 from avsiam.config import resolve_recipe
 from avsiam.data.datasets import EvalClips
-from avsiam.data.staging import StagingRequest, stage_dataset
-from avsiam.data.synthetic import generate_synthetic_dataset
 from avsiam.eval.predict import eval_loader, predict_probabilities
 from avsiam.model import build_finetune_model_from_recipe
 from avsiam.train.distributed import DistEnv
@@ -59,9 +58,7 @@ def main() -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-validation-") as tmp:
         root = Path(tmp)
-        ds = generate_synthetic_dataset(root / "raw", 8, args.clips, seed=0, workers=2, progress=False)
-        index = stage_dataset(StagingRequest(labels=[ds.labels_csv], out=root / "staged", videos=ds.videos_dir, split="train",
-                                             val_fraction=0, clips_per_shard=32)).index
+        index = staged_train_split(root, args.clips)
         model = build_finetune_model_from_recipe(recipe, index.num_classes)
         dataset = EvalClips(index, "train", recipe)
         env = DistEnv(0, 1, 0)

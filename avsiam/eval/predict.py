@@ -118,6 +118,4 @@ def distributed_retrieval_recall(
     n = audio.shape[0]
     share = range(env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size)
     gathered = gather_objects(rank_counts(audio, visual, share))  # in rank order: the shares are rows 0..n-1
-    a2v = np.concatenate([a2v for a2v, _ in gathered])
-    v2a = np.sum([v2a for _, v2a in gathered], axis=0)
-    return {**recall_summary("a2v", a2v, ks), **recall_summary("v2a", v2a, ks)}
+    return recall_summary(np.concatenate([a2v for a2v, _ in gathered]), np.sum([v2a for _, v2a in gathered], axis=0), ks)

@@ -91,10 +91,13 @@ def rank_counts(audio: torch.Tensor, visual: torch.Tensor, rows: range | None = 
     return a2v, v2a.cpu().numpy()
 
 
-def recall_summary(prefix: str, ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """``{prefix}_R<k>`` (fraction of queries ranked within k) and ``{prefix}_median_rank``."""
-    summary = {f"{prefix}_R{k}": float(np.mean(ranks <= k)) for k in ks}
-    summary[f"{prefix}_median_rank"] = float(np.median(ranks))
+def recall_summary(a2v: np.ndarray, v2a: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """``<direction>_R<k>`` (fraction of queries ranked within k) and ``<direction>_median_rank``
+    of the audio->visual and visual->audio ranks."""
+    summary: dict[str, float] = {}
+    for prefix, ranks in (("a2v", a2v), ("v2a", v2a)):
+        summary.update({f"{prefix}_R{k}": float(np.mean(ranks <= k)) for k in ks})
+        summary[f"{prefix}_median_rank"] = float(np.median(ranks))
     return summary
 
 
@@ -126,5 +129,4 @@ def retrieval_recall(
     rank of about N/2, so compare R@k across evaluation sets only at equal N.
     """
     ks = checked_ks(ks)
-    a2v, v2a = rank_counts(*normalised_pairs(audio_emb, visual_emb, device))
-    return {**recall_summary("a2v", a2v, ks), **recall_summary("v2a", v2a, ks)}
+    return recall_summary(*rank_counts(*normalised_pairs(audio_emb, visual_emb, device)), ks)

@@ -174,11 +174,12 @@ def init_from_timm_vit(
 # drops a tensor known to have no place here. The first matching rule wins. The shared ViT is
 # ``vit_base`` in the Base model class, ``vit_large`` / ``vit_huge`` in the Large and Huge ones,
 # with the same structure below the prefix; "{vit}" in a rule stands for any of the three.
-_PUBLISHED_VIT = re.compile(r"^vit_(base|large|huge)\.")
+_PUBLISHED_SIZES = "base|large|huge"
+_PUBLISHED_VIT = re.compile(rf"^vit_({_PUBLISHED_SIZES})\.")
 _DROP = None
 _Rule = tuple[re.Pattern, str | Callable[[re.Match], str] | None]
 _PUBLISHED_RULES: list[_Rule] = [
-    (re.compile(p.replace("{vit}", "vit_(?:base|large|huge)")), r)
+    (re.compile(p.replace("{vit}", f"vit_(?:{_PUBLISHED_SIZES})")), r)
     for p, r in [
         (r"^{vit}\.patch_embed\.proj\.", "encoder.patch_embed.visual.proj."),
         (r"^{vit}\.patch_embed_a\.proj\.", "encoder.patch_embed.audio.proj."),

@@ -394,18 +394,19 @@ class Tracker:
                 self._sending = True
             last_send = time.monotonic()
             try:
-                self._submit(records)
+                self._deliver_or_spool(records)
             finally:
                 with self._queue_changed:
                     self._sending = False
                     self._queue_changed.notify_all()
 
-    def _submit(self, records: Record | list[Record], *, reconnect_now: bool = False) -> None:
-        """Deliver ``records`` (one record, or consecutive metric records) after everything
-        submitted before them, or spool them."""
-        if isinstance(records, dict):
-            self.flush()  # the queued metrics go first
-            records = [records]
+    def _submit(self, record: Record, *, reconnect_now: bool = False) -> None:
+        """Deliver (or spool) ``record`` after the metrics queued before it."""
+        self.flush()
+        self._deliver_or_spool([record], reconnect_now=reconnect_now)
+
+    def _deliver_or_spool(self, records: list[Record], *, reconnect_now: bool = False) -> None:
+        """Deliver one record or consecutive metric records; spool them while MLflow fails."""
         with self._delivery:
             for record in records:
                 record["run_id"] = self.run_id
