@@ -39,6 +39,11 @@ def ensure_tracking_uri(output_dir: Path) -> str:
     return os.environ["MLFLOW_TRACKING_URI"]
 
 
+def registry_client() -> MlflowClient:
+    """A client of the tracking store's model registry (the flow set ``MLFLOW_TRACKING_URI``)."""
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"], registry_uri=os.environ.get("MLFLOW_REGISTRY_URI"))
+
+
 def require_reachable(tracking_uri: str) -> None:
     """Raise within seconds when the tracking server does not answer (``tracking_required``)."""
     try:

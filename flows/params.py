@@ -18,7 +18,7 @@ from avsiam.config import RECIPES, SIZES, ConfigError, resolve_recipe
 from avsiam.config.presets import format_validation_error
 
 PROFILES_PATH = Path(__file__).with_name("profiles.yaml")
-StageName = Literal["stage_data", "pretrain", "finetune", "evaluate"]
+StageName = Literal["stage_data", "pretrain", "finetune", "evaluate", "gate"]
 STAGES: tuple[str, ...] = ("stage_data", "pretrain", "finetune", "evaluate")
 
 
@@ -91,6 +91,8 @@ class PipelineConfig(Strict):
     overrides: StageOverrides = Field(default_factory=StageOverrides)
     variant: str | None = None
     force: list[StageName] = Field(default_factory=list)
+    register_model: bool = True  # register each finetuned model and gate it against the champion
+    promotion_margin: float = Field(default=0.0, ge=0.0)  # a challenger must beat the champion by this much
 
     def dataset_for(self, recipe: str) -> DatasetSource:
         return self.finetune_datasets.get(recipe, self.dataset)
@@ -116,6 +118,8 @@ def resolve_pipeline(
     overrides: StageOverrides | dict | None = None,
     variant: str | None = None,
     force: list[str] | None = None,
+    register_model: bool | None = None,
+    promotion_margin: float | None = None,
 ) -> PipelineConfig:
     """Merge ``profile`` with the explicit values and validate the result (and every recipe)."""
     profiles = load_profiles()
@@ -125,6 +129,7 @@ def resolve_pipeline(
     explicit = {
         "model": model, "dataset": dataset, "finetune_datasets": finetune_datasets, "pretrain_recipe": pretrain_recipe,
         "finetune_recipes": finetune_recipes, "launcher": launcher, "overrides": overrides, "variant": variant, "force": force,
+        "register_model": register_model, "promotion_margin": promotion_margin,
     }
     values.update({k: v for k, v in explicit.items() if v is not None})
     values = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in values.items()}

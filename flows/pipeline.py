@@ -19,10 +19,21 @@ from prefect.filesystems import LocalFileSystem
 
 from avsiam import __version__
 from avsiam.config import resolve_recipe
-from avsiam.tracking import Tracker, redact_credentials
+from avsiam.tracking import Tracker, redact_credentials, registry
+from avsiam.tracking.registry import GateDecision
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings, PipelineConfig, StageName, StageOverrides, resolve_pipeline
-from flows.stages import EvalManifest, TrainManifest, evaluate_stage, stage_data, stage_key, train_stage
+from flows.stages import (
+    DataManifest,
+    EvalManifest,
+    TrainManifest,
+    evaluate_stage,
+    gate_stage,
+    register_stage,
+    stage_data,
+    stage_key,
+    train_stage,
+)
 
 
 def _source_fingerprint(source: DatasetSource) -> str:
@@ -95,6 +106,8 @@ def avsiam_pipeline(
     data_store: str | None = None,
     ray_address: str | None = None,
     tracking_required: bool = False,
+    register_model: bool | None = None,
+    promotion_margin: float | None = None,
 ) -> dict[str, Any]:
     """Run the AVSiam pipeline for ``profile`` (demo, paper-base, paper-large, paper-huge);
     explicit parameters override the profile's values. ``checkpoint_store``: an s3:// prefix
@@ -104,11 +117,15 @@ def avsiam_pipeline(
     which training then reads; ``ray_address``: the Ray cluster staging runs on (``auto``,
     ``ray://head:10001``; default: a temporary local cluster of each source's ``workers`` CPUs);
     ``tracking_required``: fail within seconds when MLflow is unreachable, instead of running
-    with tracking deferred (records spooled in the run folders, sent when MLflow is back)."""
+    with tracking deferred (records spooled in the run folders, sent when MLflow is back);
+    ``register_model`` (default true): register every finetuned model in the MLflow Model
+    Registry as ``avsiam-<model>-<recipe>`` and promote it to ``champion`` only when it scores at
+    least ``promotion_margin`` (default 0) above the current champion on the same test split."""
     log = get_run_logger()
     config = resolve_pipeline(profile, output_dir, model=model, dataset=dataset, finetune_datasets=finetune_datasets,
                               pretrain_recipe=pretrain_recipe, finetune_recipes=finetune_recipes, launcher=launcher,
-                              overrides=overrides, variant=variant, force=force)
+                              overrides=overrides, variant=variant, force=force, register_model=register_model,
+                              promotion_margin=promotion_margin)
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _check_stores(config, checkpoint_store, results_store, data_store)
@@ -126,7 +143,7 @@ def avsiam_pipeline(
     parent.log_params(config.model_dump(mode="json"))
     log.info("MLflow: %s (parent run %s)", redact_credentials(tracking_uri), parent.run_id or "not created yet: MLflow unreachable")
     with parent:  # FINISHED, or FAILED (KILLED on cancellation) whatever a stage raises
-        summary = _run_stages(config, out, storage, parent, checkpoint_store, data_store, ray_address)
+        summary = _run_stages(config, out, storage, parent, checkpoint_store, data_store, ray_address, str(ctx.flow_run.id))
     summary["mlflow_parent_run_id"] = parent.run_id
     deferred = mlflow_runs.deferred_records(out)
     summary["tracking"] = f"deferred: {deferred} records spooled" if deferred else "live"
@@ -138,7 +155,7 @@ def avsiam_pipeline(
 
 
 def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, checkpoint_store: str | None,
-                data_store: str | None, ray_address: str | None) -> dict[str, Any]:
+                data_store: str | None, ray_address: str | None, flow_run_id: str) -> dict[str, Any]:
     datasets: dict[str, Any] = {}
 
     def staged(source: DatasetSource):
@@ -165,6 +182,7 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, che
         launcher=config.launcher_for("pretrain"), parent_dir=str(parent.output_dir), checkpoint_store=checkpoint_store)
 
     evaluations: list[EvalManifest] = []
+    decisions: dict[str, GateDecision | None] = {}
     stage_hours = {"pretrain": pretrained.gpu_hours}
     for recipe_name in config.finetune_recipes:
         data = staged(config.dataset_for(recipe_name))
@@ -185,19 +203,47 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, che
                                    run_id=evaluation.mlflow_run_id) as evaluate_run:
             evaluate_run.log_metrics({"pipeline_gpu_hours": pretrained.gpu_hours + finetuned.gpu_hours})
         evaluations.append(evaluation)
+        if config.register_model:
+            decisions[recipe_name] = _register_and_gate(config, storage, parent, finetuned, evaluation, data, flow_run_id,
+                                                        out / "gate" / recipe_name)
 
     total = sum(stage_hours.values())
     headline = {f"{e.recipe}.{e.metric}": e.results[e.metric] for e in evaluations}
     parent.log_metrics({"gpu_hours_total": total, **headline})
-    table = _results_markdown(config, evaluations, stage_hours)
+    table = _results_markdown(config, evaluations, stage_hours, decisions)
     create_markdown_artifact(key="avsiam-results", markdown=table, description="AVSiam pipeline results and GPU-hours")
     return {
         "output_dir": str(out), "gpu_hours_total": total, "stage_gpu_hours": stage_hours,
         "pretrain": pretrained.model_dump(), "results": {e.recipe: e.results for e in evaluations}, "results_markdown": table,
+        "registry": {recipe: d.model_dump() if d else None for recipe, d in decisions.items()},
     }
 
 
-def _results_markdown(config: PipelineConfig, evaluations: list[EvalManifest], stage_hours: dict[str, float]) -> str:
+def _register_and_gate(config: PipelineConfig, storage, parent: Tracker, finetuned: TrainManifest, evaluation: EvalManifest,
+                       data: DataManifest, flow_run_id: str, gate_dir: Path) -> GateDecision | None:
+    """Register the finetuned model as the challenger and run the gate; the decision, both
+    scores and the reason go to the parent run. None when the model could not be registered."""
+    name = registry.registered_model_name(config.model, evaluation.recipe)
+    version = register_stage(finetuned, name, data.dataset_digest, flow_run_id)
+    if version is None:
+        return None
+    champion_version = registry.alias_version(mlflow_runs.registry_client(), name, registry.CHAMPION)
+    key = stage_key("gate", {"model": name, "challenger": version, "champion": champion_version, "data": data.dataset_digest,
+                             "margin": config.promotion_margin})
+    decision = _with_options(gate_stage, "gate", config, storage)(
+        key=key, name=name, version=version, evaluation=evaluation, data=data, champion_version=champion_version,
+        promotion_margin=config.promotion_margin, run_dir=str(gate_dir / key[:16]))
+    recipe, metric = evaluation.recipe, decision.metric
+    parent.log_metrics({f"{recipe}.challenger_{metric}": decision.challenger_score,
+                        **({f"{recipe}.champion_{metric}": decision.champion_score} if decision.champion_score is not None else {})})
+    parent.set_tags({f"avsiam.gate.{recipe}": "promoted" if decision.promoted else "kept challenger",
+                     f"avsiam.gate.{recipe}.reason": decision.reason, f"avsiam.gate.{recipe}.model": f"{name}/{version}",
+                     f"avsiam.gate.{recipe}.champion": decision.challenger_version if decision.promoted else champion_version})
+    return decision
+
+
+def _results_markdown(config: PipelineConfig, evaluations: list[EvalManifest], stage_hours: dict[str, float],
+                      decisions: dict[str, GateDecision | None]) -> str:
     lines = [f"## avsiam `{config.profile}`: model {config.model}", "",
              "| recipe | metric | multimodal | audio-only | visual-only | GPU-hours |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -210,4 +256,14 @@ def _results_markdown(config: PipelineConfig, evaluations: list[EvalManifest], s
                      f"{'-' if visual is None else f'{visual:.4f}'} | {hours:.4f} |")
     lines += ["", "GPU-hours of a row: its pretraining and finetuning (wall-clock x devices; CPU ranks count as devices).", "",
               f"GPU-hours in total: {sum(stage_hours.values()):.4f}"]
+    if decisions:
+        lines += ["", "### Model registry", "", "| recipe | model version | challenger | champion before | decision | reason |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for recipe, d in decisions.items():
+            if d is None:
+                lines.append(f"| {recipe} | - | - | - | not registered | tracking deferred (MLflow unreachable) |")
+                continue
+            before = "-" if d.champion_version is None else f"v{d.champion_version}: {d.champion_score:.4f}"
+            lines.append(f"| {recipe} | {d.model_name} v{d.challenger_version} | {d.challenger_score:.4f} | {before} | "
+                         f"{'promoted to champion' if d.promoted else 'kept as challenger'} | {d.reason} |")
     return "\n".join(lines)

@@ -23,6 +23,8 @@ from pydantic import BaseModel
 
 from avsiam import __version__
 from avsiam.storage.digest import file_digest
+from avsiam.tracking import registry
+from avsiam.tracking.registry import MODEL_ARTIFACT_PATH, GateDecision
 from avsiam.train.divergence import DIVERGED_EXIT_STATUS
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings
@@ -36,6 +38,7 @@ class DataManifest(BaseModel):
     shards: int
     quarantined: int
     multi_label: bool
+    example_video: str | None = None  # one staged clip's video: the registered models' input example
     mlflow_run_id: str | None  # None while its creation waits in the spool (MLflow unreachable)
 
 
@@ -112,7 +115,7 @@ def stage_data(key: str, source: DatasetSource, data_dir: str, staged: str, pare
         _log_dataset_files(run, summary.location, root)
     return DataManifest(location=summary.location, dataset_digest=summary.dataset_digest, num_clips=summary.num_clips,
                         splits=summary.splits, shards=summary.shards, quarantined=summary.quarantined,
-                        multi_label=summary.multi_label, mlflow_run_id=run.run_id)
+                        multi_label=summary.multi_label, example_video=summary.example_video, mlflow_run_id=run.run_id)
 
 
 def _log_dataset_files(run, location: str, folder: Path) -> None:
@@ -170,7 +173,8 @@ def train_stage(
     parent_dir: str,
     checkpoint_store: str | None = None,
 ) -> TrainManifest:
-    """Pretrain or finetune through the training engine; resumes from the run folder's checkpoint."""
+    """Pretrain or finetune through the training engine; resumes from the run folder's checkpoint.
+    A finetuned model is logged as an MLflow pyfunc model (its weights, recipe and classes)."""
     from avsiam.eval.plots import plot_loss_curve
 
     log = get_run_logger()
@@ -201,7 +205,13 @@ def train_stage(
         run.set_tags({"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
         for path in (out / "config.yaml", out / "summary.json", out / "loss_curve.png"):
             run.log_artifact(path)
-        run.log_artifact(weights, artifact_path="model")
+        if stage == "finetune":
+            from avsiam.eval.serving import save_clip_model
+
+            # The model (weights inside) is this run's one copy of the weights in MLflow.
+            run.log_artifact(save_clip_model(out, out / "mlflow_model", data.example_video), artifact_path=MODEL_ARTIFACT_PATH)
+        else:
+            run.log_artifact(weights, artifact_path=MODEL_ARTIFACT_PATH)
     except BaseException as exc:
         run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -210,6 +220,29 @@ def train_stage(
                          weights_digest=file_digest(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
                          final_validation={k: v for k, v in summary.get("final_validation", {}).items() if isinstance(v, (int, float))},
                          mlflow_run_id=run.run_id)
+
+
+@task(name="register")
+def register_stage(finetuned: TrainManifest, name: str, dataset_digest: str, flow_run_id: str) -> str | None:
+    """Register the finetuned model (its run's ``model`` artifact) as a new version of
+    ``name``, the challenger; returns the version. Idempotent: a run registered before gets
+    its version back, so a cached finetuning stage is registered once. Not possible while the
+    run's records wait in the spool (MLflow unreachable): said, and skipped (None)."""
+    log = get_run_logger()
+    if finetuned.mlflow_run_id is None or mlflow_runs.deferred_records(Path(finetuned.run_dir)):
+        log.warning("not registering %s: MLflow has not received the finetuning run yet (tracking deferred); "
+                    "its model stays in %s", name, finetuned.run_dir)
+        return None
+    client = mlflow_runs.registry_client()
+    logged = {a.path for a in client.list_artifacts(finetuned.mlflow_run_id, MODEL_ARTIFACT_PATH)}
+    if f"{MODEL_ARTIFACT_PATH}/MLmodel" not in logged:
+        raise RuntimeError(f"finetuning run {finetuned.mlflow_run_id} ({finetuned.run_dir}) has no MLflow model under "
+                           f"'{MODEL_ARTIFACT_PATH}' (an earlier avsiam logged only its weights): run the flow with "
+                           "force=['finetune'] to log and register it")
+    tags = {"avsiam.dataset_digest": dataset_digest, "gpu_hours": f"{finetuned.gpu_hours:.6f}", "prefect.flow_run_id": flow_run_id}
+    version = registry.register_version(client, name, finetuned.mlflow_run_id, tags)
+    log.info("registered %s version %s (alias %s)", name, version, registry.CHALLENGER)
+    return version
 
 
 @task(name="evaluate", cache_key_fn=_key_from_parameters, persist_result=True)
@@ -239,3 +272,50 @@ def evaluate_stage(
                      Path(finetuned.run_dir) / "loss_curve.png"):
             run.log_artifact(path)
     return EvalManifest(recipe=recipe, run_dir=str(out), metric=results["metric"], results=results, mlflow_run_id=run.run_id)
+
+
+@task(name="gate", cache_key_fn=_key_from_parameters, persist_result=True)
+def gate_stage(
+    key: str, name: str, version: str, evaluation: EvalManifest, data: DataManifest, champion_version: str | None,
+    promotion_margin: float, run_dir: str,
+) -> GateDecision:
+    """The champion/challenger gate: score the current champion on the challenger's test split
+    (``avsiam evaluate`` with the champion's own recipe and weights), then move ``champion`` to
+    the challenger only when it is at least ``promotion_margin`` better. ``champion_version``
+    is read by the flow and is part of the cache key: a re-run decides again only when the
+    champion changed."""
+    log = get_run_logger()
+    metric = evaluation.metric
+    score = float(evaluation.results[metric])
+    if champion_version == version:  # promoted by an earlier run of this gate
+        champion_score, promoted, reason = score, True, "already the champion"
+    else:
+        champion_score = None if champion_version is None else _champion_score(name, champion_version, data, metric,
+                                                                                Path(run_dir), log)
+        promoted, reason = registry.decide(score, champion_score, promotion_margin, metric)
+    decision = GateDecision(model_name=name, metric=metric, challenger_version=version, challenger_score=score,
+                            champion_version=champion_version, champion_score=champion_score,
+                            promotion_margin=promotion_margin, promoted=promoted, reason=reason)
+    registry.apply_decision(mlflow_runs.registry_client(), decision)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "gate.json").write_text(decision.model_dump_json(indent=1) + "\n")
+    log.info("%s version %s: %s (%s)", name, version, "promoted to champion" if promoted else "stays challenger", reason)
+    return decision
+
+
+def _champion_score(name: str, version: str, data: DataManifest, metric: str, out: Path, log) -> float:
+    """The champion's ``metric`` on ``data``'s test split, by the evaluation the challenger had."""
+    import mlflow.artifacts
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(out / f"champion-v{version}")))
+    artifacts = model_dir / "artifacts"
+    scored = out / f"champion-v{version}-evaluation"
+    entry = ["evaluate", "--config", str(artifacts / "config.yaml"), "--weights", str(artifacts / "weights.safetensors"),
+             "--data", data.location, "--output", str(scored)]
+    code = _run_command(entry, None, dict(os.environ), log.info)
+    if code != 0:
+        raise RuntimeError(f"scoring the champion ({name} version {version}) on the test split exited with code {code}")
+    results = json.loads((scored / "results.json").read_text())
+    if results.get("metric") != metric:
+        raise RuntimeError(f"{name} version {version} is scored by {results.get('metric')}, the challenger by {metric}")
+    return float(results[metric])

@@ -61,6 +61,7 @@ class StagingSummary(BaseModel):
     fetched_bytes: int
     shard_seconds: float  # wall-clock of the shard tasks, first submitted to last finished
     cpu_seconds: float  # CPU time of the shard tasks, summed
+    example_video: str | None = None  # one staged clip's video (a test clip if any)
 
 
 class AvsiamRayTaskRunner(RayTaskRunner):
@@ -130,7 +131,7 @@ def stage_flow(request: StagingRequest) -> StagingSummary:
         multi_label=index.multi_label, shards=len(index.shards), shards_built=staged.shards_built,
         shards_reused=staged.shards_reused, decoded=staged.decoded, copied=staged.copied, quarantined=len(staged.quarantined),
         staged_with_warning=len(staged.warnings), fetched_objects=staged.fetched_objects, fetched_bytes=staged.fetched_bytes, shard_seconds=shard_seconds,
-        cpu_seconds=staged.cpu_seconds,
+        cpu_seconds=staged.cpu_seconds, example_video=staged.example_video,
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 from avsiam.cli.main import build_parser
 
 SUBCOMMANDS = [["presets"], ["synth"], ["stage"], ["train", "pretrain"], ["train", "finetune"], ["evaluate"], ["launch"],
-               ["compare"], ["plan"], ["serve"], ["tracking", "sync"]]
+               ["compare"], ["plan"], ["predict"], ["serve"], ["tracking", "sync"]]
 
 
 @pytest.mark.parametrize("argv", SUBCOMMANDS, ids=[" ".join(a) for a in SUBCOMMANDS])
@@ -24,6 +24,17 @@ def test_console_script_reports_bad_input_without_a_traceback(tmp_path):
                            "--videos", str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--weights", "w.safetensors"], "pass --model and --recipe, or --config"),
+    (["--config", "config.yaml", "--model", "tiny", "--weights", "w.safetensors", "arch.depth=2"],
+     "--config config.yaml is the whole recipe; drop --model, overrides"),
+])
+def test_evaluate_takes_presets_or_a_runs_config_not_both(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "avsiam.cli.main", "evaluate", *args, "--data", str(tmp_path), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_staging_options_are_named_without_a_traceback(tmp_path):

@@ -20,7 +20,7 @@ RUN_FLOW = """
 import json, sys
 from flows.pipeline import avsiam_pipeline
 summary = avsiam_pipeline(**json.loads(sys.argv[1]))
-print("SUMMARY " + json.dumps({k: summary[k] for k in ("tracking", "mlflow_parent_run_id", "results")}))
+print("SUMMARY " + json.dumps({k: summary[k] for k in ("tracking", "mlflow_parent_run_id", "results", "registry")}))
 """
 
 
@@ -47,6 +47,8 @@ def test_flow_runs_to_the_end_without_mlflow_and_sync_replays_the_nested_runs(tm
     assert summary["tracking"].startswith("deferred: ") and summary["mlflow_parent_run_id"] is None
     assert summary["results"]["finetune_vggsound"]["accuracy"] >= 0
     assert "tracking deferred" in output and f"avsiam tracking sync {tmp_path / 'out'}" in output
+    # Registering needs MLflow: skipped, saying so, and the model stays in the run folder.
+    assert summary["registry"] == {"finetune_vggsound": None} and "not registering avsiam-tiny-finetune_vggsound" in output
 
     server = MlflowServer(tmp_path / "mlflow", port=port)
     (tmp_path / "mlflow").mkdir()

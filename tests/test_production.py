@@ -32,6 +32,7 @@ FAST = ["batch_size_per_gpu=4", "num_workers=0", "arch.depth=2"]
 DATASET = {"source": "synthetic", "synthetic": {"classes": 4, "clips": 40, "seed": 3}}
 DATA_STORE = "s3://avsiam-data/staged"  # staged shards go to S3 and training reads them from there
 TRACKING_PASSWORD = "hunter2-tracking"  # in MLFLOW_TRACKING_URI; never to appear in a log
+MODEL_NAME = "avsiam-tiny-finetune_vggsound"  # what the finetuned models are registered as
 
 
 def wait_for(url: str, timeout: float = 120) -> None:
@@ -203,6 +204,17 @@ def test_deployment_run_logs_runs_params_metrics_and_s3_artifacts(stack, tmp_pat
     ckpt = s3.list_objects_v2(Bucket="avsiam-checkpoints", Prefix="runs/")
     assert any(o["Key"].endswith("/latest") for o in ckpt.get("Contents", []))
     assert s3.list_objects_v2(Bucket="avsiam-results", Prefix="cache/")["KeyCount"] >= 4  # the stage cache records
+    # The finetuned model is registered (its run's model, weights inside: stored once) and, the
+    # first version of its name, becomes champion; the decision is on the parent run.
+    finetune_run = children[children["tags.avsiam.stage"] == "finetune"].iloc[0]["run_id"]
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.version == "1" and champion.run_id == finetune_run and champion.source == f"runs:/{finetune_run}/model"
+    assert champion.tags["avsiam.gate"] == "promoted" and float(champion.tags["test_accuracy"]) == pytest.approx(evaluate["metrics.accuracy"], abs=1e-6)
+    assert champion.tags["avsiam.dataset_digest"] == parent["tags.avsiam.dataset_digest"] and float(champion.tags["gpu_hours"]) > 0
+    assert parent["tags.avsiam.gate.finetune_vggsound"] == "promoted"
+    assert parent["tags.avsiam.gate.finetune_vggsound.reason"] == "first version: there is no champion yet"
+    assert sum(k.endswith("weights.safetensors") and f"/{finetune_run}/" in k for k in keys) == 1
+    assert any(k.endswith(f"{finetune_run}/artifacts/model/MLmodel") for k in keys)
     # Credentials never reach MLflow params or tags, nor the flow's or the training's logs.
     assert not any("testing-secret" in str(v) for v in runs.to_dict("records")[0].values())
     assert not any(TRACKING_PASSWORD in str(v) for v in runs.to_dict("records")[0].values())
@@ -279,3 +291,89 @@ def test_killed_finetuning_resumes_when_the_deployment_runs_again(stack, tmp_pat
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # one uninterrupted sequence: continued, not restarted
     assert (run_dir / "mlflow_run_id").read_text() == mlflow_run_before  # the same MLflow run
+    # Registered as version 2 and gated against version 1, re-scored on the same test split.
+    mlflow_client, _ = mlflow_runs(stack)
+    assert mlflow_client.get_model_version(MODEL_NAME, "2").run_id == mlflow_run_before
+    parent = _parent_run(stack, second_id)
+    challenger = parent["metrics.finetune_vggsound.challenger_accuracy"]
+    champion_before = parent["metrics.finetune_vggsound.champion_accuracy"]
+    recorded = float(mlflow_client.get_model_version(MODEL_NAME, "1").tags["test_accuracy"])
+    assert champion_before == pytest.approx(recorded, abs=1e-6)
+    promoted = challenger >= champion_before
+    assert parent["tags.avsiam.gate.finetune_vggsound"] == ("promoted" if promoted else "kept challenger")
+    assert mlflow_client.get_model_version_by_alias(MODEL_NAME, "champion").version == ("2" if promoted else "1")
+
+
+def _parent_run(stack, flow_run_id: str):
+    _, runs = mlflow_runs(stack)
+    parents = runs[runs["tags.prefect.flow_run_id"] == flow_run_id]
+    assert len(parents) == 1
+    return parents.iloc[0]
+
+
+def _gated_run(stack, out: Path, finetune: list[str], **extra):
+    """Run the deployment; (its parent run, the newest version of the model)."""
+    proc = stack.cli(["deployment", "run", "avsiam/full", *stack.run_params(out, finetune, data_store=DATA_STORE, **extra),
+                      "--watch", "--watch-timeout", "900"])
+    assert "Completed" in proc.stdout
+    client, _ = mlflow_runs(stack)
+    newest = max(int(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'"))
+    return _parent_run(stack, next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID" in line)), str(newest)
+
+
+def test_the_gate_keeps_a_worse_model_promotes_an_equal_one_and_predict_and_serve_use_the_champion(stack, tmp_path, real_data):
+    """A model that cannot clear the margin stays challenger; the champion's recipe trained again
+    (a field that does not change results differs, so it is a new run) scores the same and takes
+    champion; `avsiam predict` and `mlflow models serve` then label the real clips with it,
+    through the registry and the S3 artifacts."""
+    client, _ = mlflow_runs(stack)
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    parent, worse = _gated_run(stack, tmp_path / "worse", ["max_steps=1"], promotion_margin=1.0)
+    assert parent["tags.avsiam.gate.finetune_vggsound"] == "kept challenger"
+    assert "+ margin 1" in parent["tags.avsiam.gate.finetune_vggsound.reason"]
+    assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == worse
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version
+    assert client.get_model_version(MODEL_NAME, worse).tags["avsiam.gate"] == "kept challenger"
+
+    # The two earlier scenarios' finetuning recipes, by the max_steps the champion's run logged.
+    champion_recipe = {"3": ["max_steps=3"], "8": ["max_steps=8", "checkpoint_every=2", "epochs=4"]}
+    again = champion_recipe[client.get_run(champion.run_id).data.params["max_steps"]]
+    parent, equal = _gated_run(stack, tmp_path / "equal", [*again, "keep_checkpoints=5"])
+    assert equal != champion.version
+    challenger = parent["metrics.finetune_vggsound.challenger_accuracy"]
+    assert challenger == parent["metrics.finetune_vggsound.champion_accuracy"]  # the same training, the same score
+    assert parent["tags.avsiam.gate.finetune_vggsound"] == "promoted"
+    assert f"challenger accuracy {challenger:.4f} >= champion {challenger:.4f} + margin 0" == parent["tags.avsiam.gate.finetune_vggsound.reason"]
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == equal
+
+    clip = real_data / "KlsG1EnBEjc_000361.mp4"
+    uri = f"models:/{MODEL_NAME}@champion"
+    predicted = subprocess.run([str(BIN / "avsiam"), "predict", "--model", uri, str(clip), "--json", "--top-k", "3"],
+                               env=stack.env, capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    record = json.loads(predicted.stdout.splitlines()[-1])
+    assert record["clip"] == "KlsG1EnBEjc_000361" and len(record["top"]) == 3
+    by_run = subprocess.run([str(BIN / "avsiam"), "predict", "--model", f"runs:/{client.get_model_version(MODEL_NAME, equal).run_id}/model",
+                             str(clip), "--json", "--top-k", "3"], env=stack.env, capture_output=True, text=True, timeout=300)
+    assert by_run.returncode == 0 and json.loads(by_run.stdout.splitlines()[-1]) == record, by_run.stderr[-3000:]
+
+    port = free_port()
+    serve_env = {**stack.env, "PATH": f"{BIN}:{stack.env.get('PATH', '')}"}  # the server execs uvicorn from the venv
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
+                                   "-p", str(port)], env=serve_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", 180)
+        import base64
+
+        body = {"dataframe_records": [{"video": str(clip)}, {"video_bytes": base64.b64encode(clip.read_bytes()).decode()}],
+                "params": {"top_k": 3}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert served[0] == record
+    assert served[1]["clip"] == "video_bytes[1]" and served[1]["top"] == record["top"]

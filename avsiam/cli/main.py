@@ -19,6 +19,7 @@ from avsiam.cli import (
     data_commands,
     launch_command,
     plan_command,
+    predict_command,
     presets_command,
     serve_command,
     tracking_command,
@@ -27,8 +28,8 @@ from avsiam.cli import (
 from avsiam.config import ConfigError
 from avsiam.data.formats import FormatError
 
-COMMANDS = (presets_command, data_commands, train_commands, launch_command, compare_command, plan_command, serve_command,
-            tracking_command)
+COMMANDS = (presets_command, data_commands, train_commands, launch_command, compare_command, plan_command, predict_command,
+            serve_command, tracking_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,11 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from avsiam.config import RECIPES, SIZES, ConfigError, resolve_recipe
+from avsiam.config import RECIPES, SIZES, ConfigError, load_recipe_file, resolve_recipe
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=SIZES, help="model size")
+def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, choices=SIZES, help="model size")
     p.add_argument("--data", required=True, help="the staged dataset (from `avsiam stage`): its folder or s3:// prefix, or its index.json")
     p.add_argument("--output", required=True, type=Path, help="run folder (resumes from its checkpoint if it has one)")
     p.add_argument("--variant", help="named override set from presets/variants.yaml (e.g. cav, cav_mae, cav_mae_multi_ratio: Table 3)")
@@ -46,8 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score weights on the test split (results.json, per_class.csv)",
                        description="Evaluate weights deterministically: 10-frame aggregation, mAP or accuracy, "
                        "audio-only and visual-only scores, per-class AP; retrieval recall@k for pretrained weights.")
-    _common(p)
-    p.add_argument("--recipe", required=True, choices=RECIPES)
+    _common(p, model_required=False)
+    p.add_argument("--recipe", choices=RECIPES, help="the recipe (with --model; required unless --config)")
+    p.add_argument("--config", type=Path, help="the resolved recipe of the run that trained the weights (its config.yaml), "
+                   "instead of --model, --recipe, --variant and overrides")
     p.add_argument("--weights", required=True, type=Path, help="weights.safetensors of a training run")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.set_defaults(handler=run_evaluate)
@@ -112,11 +114,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluated_recipe(args: argparse.Namespace):
+    if args.config is None:
+        if not (args.model and args.recipe):
+            raise ConfigError("evaluate: pass --model and --recipe, or --config (a training run's config.yaml)")
+        return resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
+    given = [flag for flag, value in (("--model", args.model), ("--recipe", args.recipe), ("--variant", args.variant),
+                                      ("overrides", args.overrides)) if value]
+    if given:
+        raise ConfigError(f"evaluate: --config {args.config} is the whole recipe; drop {', '.join(given)}")
+    return load_recipe_file(args.config)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.eval.evaluate import evaluate
     from avsiam.train.distributed import shutdown_distributed
 
-    recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
+    recipe = _evaluated_recipe(args)
     check_run_folder(args.output)
     results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
     shutdown_distributed()

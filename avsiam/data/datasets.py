@@ -25,9 +25,10 @@ from torch.utils.data import Dataset
 from avsiam.config import RecipeConfig
 from avsiam.data import augment
 from avsiam.data.audio import decode_wav, normalize_fbank, waveform_to_fbank
+from avsiam.data.clips import eval_inputs
 from avsiam.data.index import DatasetIndex
 from avsiam.data.sampler import mix_seed
-from avsiam.data.shards import AUDIO_MEMBER, FRAME_MEMBERS, Sample
+from avsiam.data.shards import AUDIO_MEMBER, FRAME_MEMBERS, MEDIA_MEMBERS, Sample
 from avsiam.data.video import decode_frame, normalize_frames
 
 Key = int | tuple[int, int]
@@ -169,11 +170,5 @@ class EvalClips(StagedClips):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         index = key[0] if isinstance(key, tuple) else key
         sample = self._sample(index)
-        fbank = self._normalize_audio(self._fbank(self._waveform(sample)))
-        frames = torch.stack([self._frame(sample, i) for i in range(len(FRAME_MEMBERS))])
-        return {
-            "audio": fbank,
-            "frames": self._normalize_frames(frames),
-            "target": self.exact_target(index),
-            "index": index,
-        }
+        inputs = eval_inputs({m: sample.media(m) for m in MEDIA_MEMBERS}, self.recipe, sample.where)
+        return {**inputs, "target": self.exact_target(index), "index": index}

@@ -52,15 +52,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from avsiam.data.audio import (
-    STAGED_AUDIO_SAMPLES,
-    WINDOW_SAMPLES,
-    DecodeError,
-    decode_wav,
-    encode_wav,
-    load_waveform,
-    peak_dbfs,
-)
+from avsiam.data.audio import STAGED_AUDIO_SAMPLES, DecodeError, decode_wav, load_waveform, peak_dbfs
+from avsiam.data.clips import media_members, staged_members
 from avsiam.data.formats import (
     SPLITS,
     ClassIndex,
@@ -85,7 +78,7 @@ from avsiam.data.index import (
 )
 from avsiam.data.sampler import mix_seed
 from avsiam.data.shards import MEDIA_MEMBERS, ShardError, parse_sample, write_shard
-from avsiam.data.video import NUM_FRAMES, encode_frame, extract_frames, load_frame, resize_and_crop
+from avsiam.data.video import NUM_FRAMES, load_frame, resize_and_crop
 from avsiam.storage import s3
 from avsiam.storage.store import MissingFileError, Store, open_store
 
@@ -267,6 +260,7 @@ class StagingResult:
     fetched_objects: int = 0  # source objects read from S3
     fetched_bytes: int = 0
     cpu_seconds: float = 0.0  # summed over the shard tasks
+    example_video: str | None = None  # the video of one staged clip (a test clip if any): a model's input example
 
     @property
     def num_clips(self) -> int:
@@ -600,17 +594,11 @@ def _decode_clip(clip: PlannedClip, work: Path, counts: dict[str, int]) -> dict[
     if clip.video:
         path = _local_source(clip.video, work, counts)
         try:
-            waveform = load_waveform(path)
-            frames = extract_frames(path, num_frames=NUM_FRAMES)
+            return staged_members(path)
         finally:
             if path.parent == work:
                 path.unlink(missing_ok=True)
-    else:
-        waveform = load_waveform(clip.wav)
-        frames = [resize_and_crop(load_frame(p)) for p in clip.frames]
-    if waveform.numel() < WINDOW_SAMPLES:
-        raise DecodeError(clip.sources[0], f"audio too short ({waveform.numel()} samples at 16 kHz)")
-    return {"wav": encode_wav(waveform[:STAGED_AUDIO_SAMPLES]), **{f"{i}.jpg": encode_frame(frame) for i, frame in enumerate(frames)}}
+    return media_members(load_waveform(clip.wav), [resize_and_crop(load_frame(p)) for p in clip.frames], clip.sources[0])
 
 
 def _local_source(location: str, work: Path, counts: dict[str, int]) -> Path:
@@ -677,7 +665,19 @@ def finalize_staging(plan: StagingPlan, results: Iterable[ShardResult]) -> Stagi
         fetched_objects=sum(r.fetched_objects for r in results_list),
         fetched_bytes=sum(r.fetched_bytes for r in results_list),
         cpu_seconds=sum(r.cpu_seconds for r in results_list),
+        example_video=_example_video(built, specs),
     )
+
+
+def _example_video(built: list[ShardResult], specs: dict[str, ShardSpec]) -> str | None:
+    """The source video (path or s3:// URI) of the first staged test clip, else of the first
+    staged clip; None when the clips were staged from extracted wavs and frames."""
+    for result in sorted(built, key=lambda r: r.split != "test"):
+        planned = {c.id: c for c in specs[result.name].clips}
+        for clip_id, *_ in result.samples:
+            if planned[clip_id].video:
+                return planned[clip_id].video
+    return None
 
 
 def _clip_table(plan: StagingPlan, built: list[ShardResult], specs: dict[str, ShardSpec]) -> ClipTable:

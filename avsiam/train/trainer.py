@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 
 from avsiam import __version__
 from avsiam.config import ConfigError, LrSchedule, RecipeConfig
-from avsiam.data.index import load_index
+from avsiam.data.formats import class_labels_csv
+from avsiam.data.index import CLASSES_NAME, load_index
 from avsiam.data.sampler import DistributedClipSampler, mix_seed
 from avsiam.tracking import flatten_params, make_tracker, redact_credentials
 from avsiam.train import checkpointing
@@ -250,6 +251,9 @@ def _finish(recipe, task, env: DistEnv, engine, tracker, output: Path, checkpoin
     }
     if env.is_main:
         checkpointing.consolidate(checkpoint_dir, tag, weights, recipe.zero_stage)
+        if recipe.stage == "finetune":
+            # The weights' class list beside them: with config.yaml, what labelling new clips needs.
+            (output / CLASSES_NAME).write_text(class_labels_csv(index.classes))
         if history:
             summary["final_validation"] = (best or history[-1])
         (output / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
