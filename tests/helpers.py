@@ -1,5 +1,6 @@
 """Helpers shared by test modules: the ``avsiam`` command in a subprocess, staging a synthetic
-dataset with the library, a real MLflow server that a test can stop and start."""
+dataset with the library, a real MLflow server that a test can stop and start, a model's
+weights saved under the published AVSiam names."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from avsiam.data.staging import StagingRequest, stage_dataset
 from avsiam.launch.local import free_port
@@ -102,3 +104,49 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
+
+
+def published_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the published AVSiam names, with the published extras."""
+    arch_depth = len(model.encoder.blocks)
+    dim = model.encoder.embed_dim
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+
+    def put(published: str, tensor: torch.Tensor) -> None:
+        out[f"module.{published}"] = tensor.clone()
+
+    for kind in ("weight", "bias"):
+        put(f"vit_base.patch_embed.proj.{kind}", ours[f"encoder.patch_embed.visual.proj.{kind}"])
+        put(f"vit_base.patch_embed_a.proj.{kind}", ours[f"encoder.patch_embed.audio.proj.{kind}"])
+        put(f"vit_base.norm.{kind}", ours[f"encoder.norm.visual.{kind}"])
+        put(f"vit_base.norm_a.{kind}", ours[f"encoder.norm.audio.{kind}"])
+        for i in range(arch_depth):
+            for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                put(f"vit_base.blocks.{i}.{layer}.{kind}", ours[f"encoder.blocks.{i}.{layer}.{kind}"])
+                put(f"my_blocks.{i}.{layer}.{kind}", ours[f"encoder.blocks.{i}.{layer}.{kind}"])
+            for n in (1, 2):
+                put(f"vit_base.blocks.{i}.norm{n}_a.{kind}", ours[f"encoder.blocks.{i}.norm{n}.audio.{kind}"])
+                put(f"vit_base.blocks.{i}.norm{n}_v.{kind}", ours[f"encoder.blocks.{i}.norm{n}.visual.{kind}"])
+                put(f"vit_base.blocks.{i}.norm{n}.{kind}", torch.randn(dim))
+        for j in range(len(model.fusion)):
+            for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                put(f"mm_layer_{j + 1}.{layer}.{kind}", ours[f"fusion.{j}.{layer}.{kind}"])
+            for n in (1, 2):
+                put(f"mm_layer_{j + 1}.norm{n}_a.{kind}", ours[f"fusion.{j}.norm{n}.{kind}"])
+                put(f"mm_layer_{j + 1}.norm{n}_v.{kind}", torch.randn(dim))
+                put(f"mm_layer_{j + 1}.norm{n}.{kind}", torch.randn(dim))
+        for published, head in (("mlp_head", "visual"), ("mlp_head_a", "audio"), ("mlp_head_mm", "multimodal")):
+            for index in (0, 1):
+                put(f"{published}.{index}.{kind}", ours[f"heads.{head}.{index}.{kind}"])
+    put("vit_base.cls_token", torch.randn(1, 1, dim))
+    put("vit_base.pos_embed", torch.cat([torch.randn(1, 1, dim), ours["encoder.pos_embed.visual"]], dim=1))
+    put("vit_base.pos_embed_a", ours["encoder.pos_embed.audio"])
+    extras = [
+        "vit_base.head.weight", "my_patch_embed.proj.weight", "my_patch_embed_a.proj.weight",
+        "ast_base.blocks.0.attn.qkv.weight", "decoder_embed.weight", "decoder_pos_embed_a", "decoder_pred_v.bias",
+        "mask_token", "mlp_head_mm_v2.1.weight",
+    ]
+    for name in extras:
+        put(name, torch.randn(3))
+    return out

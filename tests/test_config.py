@@ -151,10 +151,21 @@ def test_architectures_of_the_paper_sizes():
 def test_table3_variants_are_configurations():
     from avsiam.config.presets import variants
 
-    assert set(variants()) == {"cav", "cav_mae", "cav_mae_multi_ratio"}
+    assert set(variants()) == {"cav", "cav_mae", "cav_mae_multi_ratio", "published"}
     cav = resolve_recipe("base", "pretrain_as2m", variant="cav")
     assert (cav.arch.encoder, cav.use_mae, cav.contrastive_mask_ratios) == ("separate", False, [0.75])
     multi = resolve_recipe("base", "pretrain_as2m", ["temperature=0.07"], variant="cav_mae_multi_ratio")
     assert multi.use_mae and multi.contrastive_mask_ratios == [0.0, 0.2, 0.4, 0.6, 0.8] and multi.temperature == 0.07
     with pytest.raises(ConfigError, match="unknown variant 'cav2'"):
         resolve_recipe("base", "pretrain_as2m", variant="cav2")
+
+
+def test_the_published_variant_reproduces_the_published_architecture_and_initialisation():
+    default = resolve_recipe("base", "pretrain_as2m").arch
+    published = resolve_recipe("base", "pretrain_as2m", variant="published").arch
+    assert (default.input_doubling, default.block_norm_eps, default.audio_pos_init, default.fusion_init) == (
+        False, 1e-6, "bicubic", "last_blocks")
+    assert (published.input_doubling, published.block_norm_eps, published.audio_pos_init, published.fusion_init) == (
+        True, 1e-5, "nearest_1d", "last_block")
+    assert published.model_dump(exclude={"input_doubling", "block_norm_eps", "audio_pos_init", "fusion_init"}) == \
+        default.model_dump(exclude={"input_doubling", "block_norm_eps", "audio_pos_init", "fusion_init"})

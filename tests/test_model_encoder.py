@@ -118,6 +118,19 @@ def test_audio_side_and_fusion_are_derived_from_the_vit() -> None:
         torch.testing.assert_close(layer.norm1.weight, state[f"blocks.{source}.norm1.weight"])
 
 
+def test_published_fusion_init_copies_the_last_block_into_every_fusion_layer() -> None:
+    arch = tiny_arch(fusion_init="last_block")
+    state = timm_vit(arch).state_dict()
+    encoder, fusion = build_encoder(arch), build_fusion_layers(arch)
+    init_from_timm_vit(encoder, fusion, state, fusion_init=arch.fusion_init)
+    last = arch.depth - 1
+    assert len(fusion) == 2
+    for layer in fusion:
+        torch.testing.assert_close(layer.attn.qkv.weight, state[f"blocks.{last}.attn.qkv.weight"])
+        torch.testing.assert_close(layer.mlp.fc2.bias, state[f"blocks.{last}.mlp.fc2.bias"])
+        torch.testing.assert_close(layer.norm2.weight, state[f"blocks.{last}.norm2.weight"])
+
+
 def test_audio_positions_published_nearest_stretch() -> None:
     visual = torch.randn(1, 14 * 14, 4)
     stretched = audio_positions_from_visual(visual, (14, 14), (8, 64), "nearest_1d")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from helpers import published_checkpoint
 from safetensors.torch import save_file
 
-from avsiam.config import ArchConfig
+from avsiam.config import ArchConfig, ConfigError, explicit_settings, resolve_recipe
 from avsiam.model import build_finetune_model, build_pretrain_model, load_pretrained
+from avsiam.model.weights import LoadReport, published_size, resolve_checkpoint_recipe
 
 NUM_CLASSES = 4
+# What a model must be built with to take published weights (ArchConfig fields).
+PUBLISHED = {"input_doubling": True, "block_norm_eps": 1e-5}
 
 
 def tiny_arch(**overrides) -> ArchConfig:
@@ -50,54 +56,8 @@ def test_own_pretraining_checkpoint_loads_into_the_classifier(tmp_path) -> None:
     assert_same_parameters(pretrained, build_finetune_model(arch, NUM_CLASSES, pretrained=path), "encoder.")
 
 
-def published_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s weights under the published AVSiam names, with the published extras."""
-    arch_depth = len(model.encoder.blocks)
-    dim = model.encoder.embed_dim
-    ours = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-
-    def put(published: str, tensor: torch.Tensor) -> None:
-        out[f"module.{published}"] = tensor.clone()
-
-    for kind in ("weight", "bias"):
-        put(f"vit_base.patch_embed.proj.{kind}", ours[f"encoder.patch_embed.visual.proj.{kind}"])
-        put(f"vit_base.patch_embed_a.proj.{kind}", ours[f"encoder.patch_embed.audio.proj.{kind}"])
-        put(f"vit_base.norm.{kind}", ours[f"encoder.norm.visual.{kind}"])
-        put(f"vit_base.norm_a.{kind}", ours[f"encoder.norm.audio.{kind}"])
-        for i in range(arch_depth):
-            for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-                put(f"vit_base.blocks.{i}.{layer}.{kind}", ours[f"encoder.blocks.{i}.{layer}.{kind}"])
-                put(f"my_blocks.{i}.{layer}.{kind}", ours[f"encoder.blocks.{i}.{layer}.{kind}"])
-            for n in (1, 2):
-                put(f"vit_base.blocks.{i}.norm{n}_a.{kind}", ours[f"encoder.blocks.{i}.norm{n}.audio.{kind}"])
-                put(f"vit_base.blocks.{i}.norm{n}_v.{kind}", ours[f"encoder.blocks.{i}.norm{n}.visual.{kind}"])
-                put(f"vit_base.blocks.{i}.norm{n}.{kind}", torch.randn(dim))
-        for j in range(len(model.fusion)):
-            for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-                put(f"mm_layer_{j + 1}.{layer}.{kind}", ours[f"fusion.{j}.{layer}.{kind}"])
-            for n in (1, 2):
-                put(f"mm_layer_{j + 1}.norm{n}_a.{kind}", ours[f"fusion.{j}.norm{n}.{kind}"])
-                put(f"mm_layer_{j + 1}.norm{n}_v.{kind}", torch.randn(dim))
-                put(f"mm_layer_{j + 1}.norm{n}.{kind}", torch.randn(dim))
-        for published, head in (("mlp_head", "visual"), ("mlp_head_a", "audio"), ("mlp_head_mm", "multimodal")):
-            for index in (0, 1):
-                put(f"{published}.{index}.{kind}", ours[f"heads.{head}.{index}.{kind}"])
-    put("vit_base.cls_token", torch.randn(1, 1, dim))
-    put("vit_base.pos_embed", torch.cat([torch.randn(1, 1, dim), ours["encoder.pos_embed.visual"]], dim=1))
-    put("vit_base.pos_embed_a", ours["encoder.pos_embed.audio"])
-    extras = [
-        "vit_base.head.weight", "my_patch_embed.proj.weight", "my_patch_embed_a.proj.weight",
-        "ast_base.blocks.0.attn.qkv.weight", "decoder_embed.weight", "decoder_pos_embed_a", "decoder_pred_v.bias",
-        "mask_token", "mlp_head_mm_v2.1.weight",
-    ]
-    for name in extras:
-        put(name, torch.randn(3))
-    return out
-
-
 def test_published_layout_maps_onto_the_shared_encoder(tmp_path) -> None:
-    arch = tiny_arch(input_doubling=True)
+    arch = tiny_arch(**PUBLISHED)
     source = randomised(build_finetune_model(arch, NUM_CLASSES), seed=2)
     checkpoint = published_checkpoint(source)
     checkpoint["module.something_new.weight"] = torch.randn(2)
@@ -118,7 +78,7 @@ def test_published_layout_maps_onto_the_shared_encoder(tmp_path) -> None:
 @pytest.mark.parametrize("size", ["large", "huge"])
 def test_published_large_and_huge_layouts_load_like_base(size: str) -> None:
     # Their model classes hold the shared ViT as vit_large / vit_huge; the rest is Base's layout.
-    arch = tiny_arch(input_doubling=True)
+    arch = tiny_arch(**PUBLISHED)
     source = randomised(build_finetune_model(arch, NUM_CLASSES), seed=4)
     checkpoint = {k.replace("module.vit_base.", f"module.vit_{size}."): v for k, v in published_checkpoint(source).items()}
     target = build_finetune_model(arch, NUM_CLASSES)
@@ -130,17 +90,54 @@ def test_published_large_and_huge_layouts_load_like_base(size: str) -> None:
 
 def test_a_published_checkpoint_of_another_size_names_the_model_to_use() -> None:
     checkpoint = {k.replace("module.vit_base.", "module.vit_large."): v
-                  for k, v in published_checkpoint(build_finetune_model(tiny_arch(), NUM_CLASSES)).items()}
-    wider = build_finetune_model(tiny_arch(embed_dim=64, num_heads=4), NUM_CLASSES)
+                  for k, v in published_checkpoint(build_finetune_model(tiny_arch(**PUBLISHED), NUM_CLASSES)).items()}
+    wider = build_finetune_model(tiny_arch(embed_dim=64, num_heads=4, **PUBLISHED), NUM_CLASSES)
     with pytest.raises(ValueError, match=r"published vit_large checkpoint .* pass --model large"):
         load_pretrained(wider, checkpoint)
 
 
 def test_published_layout_needs_the_shared_encoder() -> None:
-    checkpoint = published_checkpoint(build_finetune_model(tiny_arch(), NUM_CLASSES))
-    separate = build_finetune_model(tiny_arch(encoder="separate"), NUM_CLASSES)
+    checkpoint = published_checkpoint(build_finetune_model(tiny_arch(**PUBLISHED), NUM_CLASSES))
+    separate = build_finetune_model(tiny_arch(encoder="separate", **PUBLISHED), NUM_CLASSES)
     with pytest.raises(ValueError, match="lacks encoder tensors"):
         load_pretrained(separate, checkpoint)
+
+
+@pytest.mark.parametrize(("arch", "named"), [
+    ({}, "arch.input_doubling=True arch.block_norm_eps=1e-05; this model has arch.input_doubling=False, arch.block_norm_eps=1e-06"),
+    ({"input_doubling": True}, "arch.block_norm_eps=1e-05; this model has arch.block_norm_eps=1e-06"),
+])
+def test_a_model_built_without_the_published_architecture_refuses_published_weights(arch, named) -> None:
+    checkpoint = published_checkpoint(build_finetune_model(tiny_arch(**PUBLISHED), NUM_CLASSES))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_pretrained(build_finetune_model(tiny_arch(**arch), NUM_CLASSES), checkpoint)
+
+
+def test_a_published_checkpoint_implies_its_architecture_and_refuses_a_contradicting_option(tmp_path) -> None:
+    published = tmp_path / "published.pth"
+    torch.save(published_checkpoint(build_finetune_model(tiny_arch(**PUBLISHED), NUM_CLASSES)), published)
+    own = tmp_path / "own.safetensors"
+    save_file({k: v.contiguous() for k, v in build_finetune_model(tiny_arch(), NUM_CLASSES).state_dict().items()}, str(own))
+    assert published_size(published) == "base" and published_size(own) is None
+    recipe = resolve_recipe("tiny", "finetune_vggsound")
+    implied = resolve_checkpoint_recipe(recipe, published, {}, "--init")
+    assert (implied.arch.input_doubling, implied.arch.block_norm_eps) == (True, 1e-5)
+    assert implied.arch.audio_pos_init == recipe.arch.audio_pos_init  # only what the weights need
+    assert resolve_checkpoint_recipe(recipe, own, {}, "--init") == recipe
+    agreeing = explicit_settings(["arch.input_doubling=true"], "published")
+    assert resolve_checkpoint_recipe(recipe, published, agreeing, "--init").arch.block_norm_eps == 1e-5
+    with pytest.raises(ConfigError, match=r"--init .*published.pth: a published AVSiam checkpoint, trained with "
+                                          r"arch.input_doubling=True; arch.input_doubling=False contradicts it"):
+        resolve_checkpoint_recipe(recipe, published, explicit_settings(["arch.input_doubling=false"]), "--init")
+
+
+def test_the_load_report_counts_tensors_by_group() -> None:
+    report = LoadReport("w.pth", loaded=["encoder.a", "encoder.b", "heads.audio.0.weight"], missing=["heads.visual.1.bias"],
+                        dropped=["module.mask_token", "module.decoder_embed.weight"])
+    assert report.by_group()["loaded"] == {"encoder": 2, "heads": 1}
+    tags = report.tags()
+    assert tags["avsiam.init"] == "w.pth" and tags["avsiam.init.loaded"] == "encoder 2, heads 1"
+    assert tags["avsiam.init.dropped"] == "decoder_embed 1, mask_token 1" and tags["avsiam.init.unexpected"] == "none"
 
 
 def test_unknown_layout_is_refused() -> None:

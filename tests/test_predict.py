@@ -121,3 +121,26 @@ def test_the_pyfunc_model_answers_paths_and_base64_bytes_with_the_records_of_pre
     assert served[0] == cli[0]
     assert served[1]["clip"] == "video_bytes[1]" and served[1]["top"] == cli[0]["top"]
     assert "not base64" in served[2]["error"] and "missing.mp4: no such file" in served[3]["error"]
+
+
+def test_predict_labels_with_a_published_checkpoint_as_with_the_model_it_converts_to(staged_run, real_data, tmp_path):
+    from helpers import published_checkpoint
+
+    index, _ = staged_run
+    recipe = resolve_recipe("tiny", "finetune_vggsound", ["num_workers=0"], variant="published")  # the preset, as --recipe gives
+    torch.manual_seed(5)
+    model = build_finetune_model_from_recipe(recipe, index.num_classes)
+    torch.save(published_checkpoint(model), tmp_path / "published.pth")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "weights.safetensors"))
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    (run / CLASSES_NAME).write_text(class_labels_csv(index.classes))
+    clip = real_data / "00W1lcxW-WU_40.000.mp4"
+    own = records(avsiam("predict", "--model", run / "weights.safetensors", clip, "--json"))
+    # tiny is not a published size: --size names it (a published Base checkpoint needs no --size)
+    published = records(avsiam("predict", "--model", tmp_path / "published.pth", "--recipe", "finetune_vggsound", "--classes",
+                               run / CLASSES_NAME, "--size", "tiny", clip, "--json"))
+    assert published == own
+    half = avsiam("predict", "--model", tmp_path / "published.pth", "--recipe", "finetune_vggsound", clip, check=False)
+    assert half.returncode == 2 and "needs both --recipe and --classes" in half.stderr

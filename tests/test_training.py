@@ -117,6 +117,33 @@ def test_finetune_from_two_ranks_on_one_then_evaluate(staged_single, reference_r
     assert json.loads((again / "results.json").read_text()) == results  # deterministic
 
 
+def test_finetune_from_a_published_pretrained_checkpoint_builds_its_architecture_and_logs_the_load(staged_single, tmp_path):
+    from helpers import published_checkpoint
+    from mlflow import MlflowClient
+
+    from avsiam.config import resolve_recipe
+    from avsiam.data.index import load_index
+    from avsiam.model import build_finetune_model_from_recipe
+
+    recipe = resolve_recipe("tiny", "finetune_vggsound", FAST, variant="published")
+    model = build_finetune_model_from_recipe(recipe, load_index(staged_single).num_classes)
+    pretrained = {k: v for k, v in published_checkpoint(model).items() if not k.startswith("module.mlp_head")}
+    torch.save(pretrained, tmp_path / "published_pretrained.pth")
+    out = tmp_path / "finetune"
+    proc = avsiam("train", "finetune", "--model", "tiny", "--recipe", "finetune_vggsound", "--init", tmp_path / "published_pretrained.pth",
+                  "--data", staged_single, "--output", out, *FAST, "max_steps=2", "epochs=1")
+    assert "building the model with arch.input_doubling=True arch.block_norm_eps=1e-05" in proc.stderr
+    config = (out / "config.yaml").read_text()
+    assert "input_doubling: true" in config and "block_norm_eps: 1.0e-05" in config
+    report = (out / "init_load_report.txt").read_text()
+    assert "published_pretrained.pth: loaded" in report and "missing (12): heads." in report
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.data.tags["avsiam.init.missing"] == "heads 12" and run.data.tags["avsiam.init.loaded"].startswith("encoder ")
+    assert "mask_token" in run.data.tags["avsiam.init.dropped"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "init_load_report.txt"]
+
+
 def test_bad_input_fails_before_launching(staged_single, tmp_path):
     proc = avsiam("train", "finetune", "--model", "tiny", "--recipe", "finetune_as20k", "--data", staged_single,
                   "--output", tmp_path / "x", "--nproc", "2", check=False)

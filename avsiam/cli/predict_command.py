@@ -1,8 +1,9 @@
 """``avsiam predict``: label new videos with a finetuned model.
 
 ``--model`` takes a registered model (``models:/avsiam-tiny-finetune_vggsound@champion``), a
-run's model (``runs:/RUN_ID/model``) or a training run's ``weights.safetensors`` (with the
-``config.yaml`` and class list the run wrote beside it). Each clip (a video file, or every
+run's model (``runs:/RUN_ID/model``), a training run's ``weights.safetensors`` (with the
+``config.yaml`` and class list the run wrote beside it), or a published AVSiam finetuned
+checkpoint with ``--recipe`` and ``--classes``. Each clip (a video file, or every
 video in a folder) is decoded as staging decodes it and scored as evaluation scores it; the
 output is, per clip, its id and the top-k classes with their probabilities (multimodal, and
 audio-only / visual-only), or one JSON record per line with ``--json``. A clip that cannot be
@@ -17,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from avsiam.config import RECIPES, SIZES, ConfigError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label video clips with a finetuned model", description=__doc__,
@@ -26,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, help="classes to show per clip (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON record per clip, naming its file")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    published = p.add_argument_group("a published AVSiam finetuned checkpoint as --model")
+    published.add_argument("--recipe", choices=[r for r in RECIPES if r.startswith("finetune")],
+                           help="the recipe it was finetuned with (its architecture follows from the checkpoint)")
+    published.add_argument("--classes", type=Path, help="its class list (class_labels_indices.csv)")
+    published.add_argument("--size", choices=SIZES, help="model size (default: read from the checkpoint's layout)")
     p.set_defaults(handler=run)
 
 
@@ -46,9 +54,16 @@ def _clip_files(arguments: list[str]) -> tuple[list[tuple[str, Path | None]], bo
     return files, folders
 
 
-def _labeler(model: str, device: str):
+def _labeler(args: argparse.Namespace, device: str):
     from avsiam.eval.labeling import ClipLabeler
 
+    model = args.model
+    if args.recipe or args.classes:
+        if not (args.recipe and args.classes):
+            raise ConfigError("predict: a published checkpoint needs both --recipe and --classes")
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"--model {model}: no such file")
+        return ClipLabeler.from_published(model, args.recipe, args.classes, size=args.size).to(device)
     if model.endswith(".safetensors") or Path(model).is_file():
         return ClipLabeler.from_run_folder(model).to(device)
     import mlflow.pyfunc
@@ -80,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     check_top_k(args.top_k)
     files, folders = _clip_files(args.clips)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    labeler = _labeler(args.model, device)
+    labeler = _labeler(args, device)
     failed = 0
     # A bar for folders, on a terminal only (disable=None); records go to stdout, the bar to stderr.
     for file, path in tqdm(files, desc="clips", unit="clip", disable=None if folders else True, file=sys.stderr):

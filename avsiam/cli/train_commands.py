@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from avsiam.config import RECIPES, SIZES, ConfigError, load_recipe_file, resolve_recipe
+from avsiam.config import RECIPES, SIZES, ConfigError, explicit_settings, load_recipe_file, resolve_recipe
 
 
 def _common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -86,6 +86,11 @@ def run_train(args: argparse.Namespace) -> int:
     from avsiam.train.trainer import train, write_config
 
     recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
+    if args.stage == "finetune" and args.init:
+        from avsiam.model.weights import resolve_checkpoint_recipe
+
+        # A published checkpoint brings the architecture it was trained with (each rank resolves it the same way).
+        recipe = resolve_checkpoint_recipe(recipe, args.init, explicit_settings(args.overrides, args.variant), "--init")
     launched = "RANK" in os.environ
     if not launched:
         _preflight(args, recipe)
@@ -115,23 +120,31 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _evaluated_recipe(args: argparse.Namespace):
+    """The recipe to evaluate ``--weights`` with: presets, or the run's config.yaml; a
+    published checkpoint brings the architecture it was trained with."""
+    from avsiam.model.weights import PUBLISHED_ARCHITECTURE, resolve_checkpoint_recipe
+
     if args.config is None:
         if not (args.model and args.recipe):
             raise ConfigError("evaluate: pass --model and --recipe, or --config (a training run's config.yaml)")
-        return resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
-    given = [flag for flag, value in (("--model", args.model), ("--recipe", args.recipe), ("--variant", args.variant),
-                                      ("overrides", args.overrides)) if value]
-    if given:
-        raise ConfigError(f"evaluate: --config {args.config} is the whole recipe; drop {', '.join(given)}")
-    return load_recipe_file(args.config)
+        recipe = resolve_recipe(args.model, args.recipe, args.overrides, variant=args.variant)
+        explicit = explicit_settings(args.overrides, args.variant)
+    else:
+        given = [flag for flag, value in (("--model", args.model), ("--recipe", args.recipe), ("--variant", args.variant),
+                                          ("overrides", args.overrides)) if value]
+        if given:
+            raise ConfigError(f"evaluate: --config {args.config} is the whole recipe; drop {', '.join(given)}")
+        recipe = load_recipe_file(args.config)
+        explicit = {f"arch.{name}": getattr(recipe.arch, name) for name in PUBLISHED_ARCHITECTURE}
+    return resolve_checkpoint_recipe(recipe, args.weights, explicit, "--weights")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.eval.evaluate import evaluate
     from avsiam.train.distributed import shutdown_distributed
 
-    recipe = _evaluated_recipe(args)
     check_run_folder(args.output)
+    recipe = _evaluated_recipe(args)
     results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:

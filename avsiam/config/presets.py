@@ -162,6 +162,12 @@ def variants() -> dict[str, dict[str, Any]]:
     return load_yaml(path, text)
 
 
+def explicit_settings(overrides: Iterable[str] = (), variant: str | None = None) -> dict[str, Any]:
+    """{dotted key: value} of what a user set on top of the recipe: the variant's, then the overrides'."""
+    named = dict(variants()[variant]) if variant is not None and variant in variants() else {}
+    return {**named, **dict(parse_overrides(overrides))}
+
+
 def resolve_recipe(
     size: str, recipe: str, overrides: Iterable[str] | Iterable[tuple[str, Any]] = (), variant: str | None = None
 ) -> RecipeConfig:

@@ -61,6 +61,12 @@ class ArchConfig(StrictModel):
     # Audio position table when initialising from a timm ViT: a bicubic 2-D resize of the visual
     # grid, or the published nearest-neighbour 1-D stretch (for parity with released weights).
     audio_pos_init: Literal["bicubic", "nearest_1d"] = "bicubic"
+    # Fusion layers when initialising from a timm ViT: copies of the last fusion_depth blocks,
+    # or the published pretraining's copies of the last block into every fusion layer.
+    fusion_init: Literal["last_blocks", "last_block"] = "last_blocks"
+    # eps of the LayerNorms in the blocks, fusion layers and heads: timm's 1e-6, or the
+    # published code's 1e-5 (torch's nn.LayerNorm default there; its final norms are timm's).
+    block_norm_eps: float = Field(default=1e-6, gt=0, lt=1)
     # Recompute each encoder block's activations in backward instead of storing them: what
     # lets Base/Large pretraining batches fit 24 GB A5000s (see `avsiam plan`).
     activation_checkpointing: bool = False

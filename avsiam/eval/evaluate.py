@@ -20,19 +20,29 @@ from avsiam.data.datasets import EvalClips
 from avsiam.data.index import load_index
 from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, write_report
-from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe
+from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
+from avsiam.model.weights import CheckpointError, published_size
 from avsiam.train.distributed import init_distributed, on_cpu
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Strictly load a consolidated safetensors file; a mismatch names the keys."""
+    """Strictly load a consolidated safetensors file, or a published AVSiam checkpoint (its
+    load report logged); a mismatch names the keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--weights {path}: no such file")
+    if published_size(path):
+        report = load_pretrained(model, path)  # logs the report
+        lacking = [k for k in report.missing if not k.startswith("decoder.")]  # retrieval needs no decoder
+        if lacking:
+            groups = ", ".join(sorted({k.split(".")[0] for k in lacking}))
+            raise CheckpointError(f"{path}: a published checkpoint without {groups} tensors (e.g. {lacking[:3]}): a pretrained "
+                             "checkpoint has no classification heads; finetune it first (avsiam train finetune --init)")
+        return
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: does not match the model ({len(missing)} missing keys, e.g. {missing[:3]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); check --model and --recipe"
         )

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from avsiam.config import ConfigError, RecipeConfig, load_recipe_file
+from avsiam.config import ConfigError, RecipeConfig, load_recipe_file, resolve_recipe
 from avsiam.data.audio import DecodeError
 from avsiam.data.clips import eval_inputs, staged_members
 from avsiam.data.formats import ClassIndex, FormatError, read_class_labels
@@ -32,6 +32,7 @@ from avsiam.eval.evaluate import load_weights
 from avsiam.eval.report import HEAD_PREFIX
 from avsiam.model import build_finetune_model_from_recipe
 from avsiam.model.finetune import AudioVisualClassifier, frame_averaged_probabilities
+from avsiam.model.weights import published_size, resolve_checkpoint_recipe
 
 DEFAULT_TOP_K = 5
 RECIPE_NAME = "config.yaml"  # what a training run writes beside its weights
@@ -54,7 +55,21 @@ class ClipLabeler:
         recipe = load_recipe_file(recipe_file)
         if recipe.stage != "finetune":
             raise ConfigError(f"{recipe_file}: a {recipe.stage} recipe ({recipe.recipe}); labelling clips needs a finetuned model")
-        classes = read_class_labels(classes_file)
+        return cls._build(weights, recipe, read_class_labels(classes_file))
+
+    @classmethod
+    def from_published(cls, weights: str | Path, recipe: str, classes_file: str | Path, size: str | None = None) -> ClipLabeler:
+        """The model of a published AVSiam finetuned checkpoint: the preset ``recipe`` of its
+        size (read from its layout unless ``size`` is given), with the architecture the
+        checkpoint implies, and the class list it was trained on."""
+        size = size or published_size(weights)
+        if size is None:
+            raise ConfigError(f"{weights}: not a published AVSiam checkpoint (no vit_base/vit_large/vit_huge tensors)")
+        resolved = resolve_checkpoint_recipe(resolve_recipe(size, recipe), weights, {}, "--model")
+        return cls._build(weights, resolved, read_class_labels(classes_file))
+
+    @classmethod
+    def _build(cls, weights: str | Path, recipe: RecipeConfig, classes: ClassIndex) -> ClipLabeler:
         model = build_finetune_model_from_recipe(recipe, len(classes.mids))
         load_weights(model, weights)
         return cls(model.eval(), recipe, classes, torch.device("cpu"))
@@ -69,7 +84,8 @@ class ClipLabeler:
         missing = [p.name for p in needed if not p.is_file()]
         if missing:
             raise FormatError(f"{weights}: {' and '.join(missing)} not beside it; pass the weights of a finetuning run "
-                              "folder, or a registered model (models:/NAME@champion)")
+                              "folder, a registered model (models:/NAME@champion), or a published checkpoint with "
+                              "--recipe and --classes")
         return cls.from_files(weights, *needed)
 
     def to(self, device: str | torch.device) -> ClipLabeler:

@@ -20,7 +20,7 @@ from avsiam.model.encoder import build_encoder, build_fusion_layers
 from avsiam.model.finetune import AudioVisualClassifier, FinetuneMode
 from avsiam.model.mae import MaeDecoder
 from avsiam.model.pretrain import AudioMasking, AudioVisualPretrainingModel
-from avsiam.model.weights import AudioPosInit, init_from_timm_vit, load_pretrained
+from avsiam.model.weights import init_from_timm_vit, load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ def build_pretrain_model(
     contrastive_weight: float = 1.0,
     norm_pix_loss: bool = False,
     init_weights: str | Path | None = None,
-    audio_pos_init: AudioPosInit = "bicubic",
 ) -> AudioVisualPretrainingModel:
     """The pretraining model (contrastive + MAE) of ``size``.
 
@@ -68,7 +67,7 @@ def build_pretrain_model(
             mlp_ratio=arch.mlp_ratio,
         )
     if init_weights is not None:
-        logger.info("%s", init_from_timm_vit(encoder, fusion, init_weights, audio_pos_init))
+        logger.info("%s", init_from_timm_vit(encoder, fusion, init_weights, arch.audio_pos_init, arch.fusion_init))
     return AudioVisualPretrainingModel(
         encoder,
         fusion,
@@ -90,7 +89,6 @@ def build_finetune_model(
     mode: FinetuneMode = _RECIPE_DEFAULTS["finetune_mode"].default,
     pretrained: str | Path | None = None,
     init_weights: str | Path | None = None,
-    audio_pos_init: AudioPosInit = "bicubic",
 ) -> AudioVisualClassifier:
     """The finetuning classifier of ``size`` with the heads of ``mode``.
 
@@ -103,8 +101,8 @@ def build_finetune_model(
     encoder = build_encoder(arch)
     fusion = build_fusion_layers(arch) if mode in ("mixed", "multimodal") else None
     if init_weights is not None:
-        logger.info("%s", init_from_timm_vit(encoder, fusion, init_weights, audio_pos_init))
-    model = AudioVisualClassifier(encoder, fusion, num_classes, mode)
+        logger.info("%s", init_from_timm_vit(encoder, fusion, init_weights, arch.audio_pos_init, arch.fusion_init))
+    model = AudioVisualClassifier(encoder, fusion, num_classes, mode, head_norm_eps=arch.block_norm_eps)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
@@ -122,12 +120,10 @@ def build_pretrain_model_from_recipe(recipe: RecipeConfig, **options) -> AudioVi
         use_mae=recipe.use_mae,
         contrastive_weight=recipe.contrastive_weight,
         norm_pix_loss=recipe.norm_pix_loss,
-        audio_pos_init=recipe.arch.audio_pos_init,
     )
     return build_pretrain_model(recipe.arch, **{**settings, **options})
 
 
 def build_finetune_model_from_recipe(recipe: RecipeConfig, num_classes: int, **options) -> AudioVisualClassifier:
     """:func:`build_finetune_model` for ``recipe.arch`` and ``recipe.finetune_mode``."""
-    settings = {"mode": recipe.finetune_mode, "audio_pos_init": recipe.arch.audio_pos_init}
-    return build_finetune_model(recipe.arch, num_classes, **{**settings, **options})
+    return build_finetune_model(recipe.arch, num_classes, **{"mode": recipe.finetune_mode, **options})

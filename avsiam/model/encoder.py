@@ -16,6 +16,8 @@ There is no cls token and no modality token; features are mean-pooled after the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -47,7 +49,7 @@ class SiameseBlock(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         modalities: tuple[str, ...] = MODALITIES,
-        norm_layer: type[nn.Module] = LayerNorm,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
@@ -156,16 +158,20 @@ class AudioVisualEncoder(nn.Module):
         return self.encode(self.embed(x, modality), modality)
 
 
+def block_norm(arch: ArchConfig) -> Callable[[int], nn.Module]:
+    """The LayerNorm of the blocks, fusion layers and heads, with ``arch.block_norm_eps``."""
+    return partial(LayerNorm, eps=arch.block_norm_eps)
+
+
 def build_encoder(arch: ArchConfig) -> AudioVisualEncoder:
     """The shared (``arch.encoder == "siamese"``) or separate encoder of an architecture."""
 
-    block = dict(dim=arch.embed_dim, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True)
+    block = dict(dim=arch.embed_dim, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True,
+                 norm_layer=block_norm(arch))
     if arch.encoder == "siamese":
         blocks = SharedBlocks([SiameseBlock(**block) for _ in range(arch.depth)])
     else:
-        blocks = SeparateBlocks(
-            {m: nn.Sequential(*[Block(**block, norm_layer=LayerNorm) for _ in range(arch.depth)]) for m in MODALITIES}
-        )
+        blocks = SeparateBlocks({m: nn.Sequential(*[Block(**block) for _ in range(arch.depth)]) for m in MODALITIES})
     blocks.activation_checkpointing = arch.activation_checkpointing
     return AudioVisualEncoder(
         blocks,
@@ -186,7 +192,7 @@ def build_fusion_layers(arch: ArchConfig) -> nn.Sequential:
     """
     fusion = nn.Sequential(
         *[
-            Block(arch.embed_dim, arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            Block(arch.embed_dim, arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True, norm_layer=block_norm(arch))
             for _ in range(arch.fusion_depth)
         ]
     )

@@ -47,9 +47,9 @@ def draw_training_head(mode: FinetuneMode, generator: torch.Generator | None = N
     return names[int(torch.multinomial(weights, 1, generator=generator))]
 
 
-def classification_head(in_features: int, num_classes: int) -> nn.Sequential:
+def classification_head(in_features: int, num_classes: int, norm_eps: float = 1e-6) -> nn.Sequential:
     """LayerNorm + Linear, the published ``mlp_head*`` layout (``0`` norm, ``1`` linear)."""
-    head = nn.Sequential(LayerNorm(in_features), nn.Linear(in_features, num_classes))
+    head = nn.Sequential(LayerNorm(in_features, eps=norm_eps), nn.Linear(in_features, num_classes))
     trunc_normal_(head[1].weight, std=0.02)
     nn.init.zeros_(head[1].bias)
     return head
@@ -74,6 +74,7 @@ class AudioVisualClassifier(nn.Module):
         fusion: nn.Module | None,
         num_classes: int,
         mode: FinetuneMode = "mixed",
+        head_norm_eps: float = 1e-6,
     ) -> None:
         """``fusion`` is needed by (and only kept for) the modes with a multimodal head."""
         super().__init__()
@@ -87,7 +88,8 @@ class AudioVisualClassifier(nn.Module):
         self.encoder = encoder
         self.fusion = fusion if multimodal else None
         widths = {"multimodal": 2 * encoder.embed_dim, "audio": encoder.embed_dim, "visual": encoder.embed_dim}
-        self.heads = nn.ModuleDict({name: classification_head(widths[name], num_classes) for name in self.head_names})
+        self.heads = nn.ModuleDict({name: classification_head(widths[name], num_classes, head_norm_eps)
+                                    for name in self.head_names})
 
     def forward(
         self,

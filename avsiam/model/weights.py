@@ -24,16 +24,24 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from avsiam.config import ConfigError, RecipeConfig
 from avsiam.model.encoder import AudioVisualEncoder
 
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ConfigError):
+    """A weights file that does not fit the model it is loaded into; the message names the file
+    (a ConfigError: the command's inputs disagree, reported without a traceback)."""
 AudioPosInit = Literal["bicubic", "nearest_1d"]
+FusionInit = Literal["last_blocks", "last_block"]
 
 
 @dataclass
@@ -45,6 +53,24 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model tensors left as initialised
     unexpected: list[str] = field(default_factory=list)  # file tensors with no place in the model
     dropped: list[str] = field(default_factory=list)  # file tensors known not to belong (decoder, ...)
+
+    def by_group(self) -> dict[str, dict[str, int]]:
+        """{"loaded" | "missing" | "unexpected" | "dropped": {top-level module: tensors}}."""
+        out: dict[str, dict[str, int]] = {}
+        for label in ("loaded", "missing", "unexpected", "dropped"):
+            counts: dict[str, int] = {}
+            for key in getattr(self, label):
+                group = key.removeprefix("module.").split(".", 1)[0]
+                counts[group] = counts.get(group, 0) + 1
+            out[label] = counts
+        return out
+
+    def tags(self) -> dict[str, str]:
+        """The report as MLflow tags (counts by group), e.g. ``avsiam.init.loaded``: ``encoder 238, heads 6``."""
+        tags = {"avsiam.init": self.source}
+        for label, counts in self.by_group().items():
+            tags[f"avsiam.init.{label}"] = ", ".join(f"{group} {n}" for group, n in sorted(counts.items())) or "none"
+        return tags
 
     def __str__(self) -> str:
         def names(keys: list[str], limit: int = 12) -> str:
@@ -58,13 +84,14 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path: str | Path) -> StateDict:
+def read_state_dict(path: str | Path, mmap: bool = False) -> StateDict:
     """A state dict from a ``.safetensors`` file or a torch file (never unpickled); a checkpoint
-    that wraps it under ``state_dict``, ``model`` or ``module`` is unwrapped."""
+    that wraps it under ``state_dict``, ``model`` or ``module`` is unwrapped. ``mmap``: map a
+    torch file instead of reading it (for its key names)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -119,6 +146,7 @@ def init_from_timm_vit(
     fusion: nn.Sequential | None,
     vit: StateDict | str | Path,
     audio_pos_init: AudioPosInit = "bicubic",
+    fusion_init: FusionInit = "last_blocks",
 ) -> LoadReport:
     """Initialise ``encoder`` (and ``fusion``) from a timm ViT of the same width, depth and patch.
 
@@ -126,8 +154,8 @@ def init_from_timm_vit(
     blocks and final norm are copied; every modality norm starts as the generic norm; the audio
     patch kernel is the mean of the visual kernel over RGB (CAV-MAE used the sum) with the same
     bias; audio positions come from :func:`audio_positions_from_visual`; fusion layer j starts
-    as block ``depth - fusion_depth + j`` (the last blocks; the published pretraining copies
-    the last block into both). The final norm must be a token norm (``norm.*``): a checkpoint
+    as block ``depth - fusion_depth + j`` (``last_blocks``; the published finetuning class) or
+    as the last block (``last_block``: the published pretraining copies it into both). The final norm must be a token norm (``norm.*``): a checkpoint
     of an average-pooling ViT whose only norm is ``fc_norm`` (applied after pooling) is refused.
     """
     source = str(vit) if not isinstance(vit, Mapping) else "timm ViT state dict"
@@ -135,7 +163,7 @@ def init_from_timm_vit(
     needed = {"patch_embed.proj.weight", "pos_embed", "norm.weight"}
     if not needed <= state.keys():
         lacking = sorted(needed - state.keys())
-        raise ValueError(f"{source}: not a timm ViT state dict with a token norm; lacks {lacking}")
+        raise CheckpointError(f"{source}: not a timm ViT state dict with a token norm; lacks {lacking}")
     visual_pos, side = _split_prefix_tokens(state["pos_embed"])
     kernel = state["patch_embed.proj.weight"]
     derived: StateDict = {
@@ -151,16 +179,19 @@ def init_from_timm_vit(
     copies = [(k, _timm_key(k)) for k in encoder.state_dict() if k not in derived]
     depth = _num_blocks(encoder.state_dict())
     if _num_blocks(state) != depth:
-        raise ValueError(f"{source}: has {_num_blocks(state)} blocks, the encoder {depth}")
+        raise CheckpointError(f"{source}: has {_num_blocks(state)} blocks, the encoder {depth}")
     if fusion is not None:
         if depth < len(fusion):
-            raise ValueError(f"{source}: {len(fusion)} fusion layers need at least as many ViT blocks, found {depth}")
+            raise CheckpointError(f"{source}: {len(fusion)} fusion layers need at least as many ViT blocks, found {depth}")
+        if fusion_init not in ("last_blocks", "last_block"):
+            raise ValueError(f"unknown fusion initialisation {fusion_init!r}; allowed: last_blocks, last_block")
         for key in fusion.state_dict():
             index, rest = key.split(".", 1)
-            copies.append((f"fusion.{key}", f"blocks.{depth - len(fusion) + int(index)}.{rest}"))
+            block = depth - 1 if fusion_init == "last_block" else depth - len(fusion) + int(index)
+            copies.append((f"fusion.{key}", f"blocks.{block}.{rest}"))
     missing = [target for target, src in copies if src not in state]
     if missing:
-        raise ValueError(f"{source}: no timm ViT tensors for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise CheckpointError(f"{source}: no timm ViT tensors for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     converted = {**derived, **{target: state[src] for target, src in copies}}
     used.update(src for _, src in copies)
     encoder.load_state_dict({k: v for k, v in converted.items() if not k.startswith("fusion.")})
@@ -238,8 +269,75 @@ def _check_published_size(source: str, size: str, converted: StateDict, model: n
         return  # a missing encoder tensor is reported by the load itself
     file_shape, model_shape = tuple(converted[key].shape), tuple(ours.shape)
     if file_shape != model_shape:
-        raise ValueError(f"{source}: a published vit_{size} checkpoint (patch embedding {list(file_shape)}) does not fit "
+        raise CheckpointError(f"{source}: a published vit_{size} checkpoint (patch embedding {list(file_shape)}) does not fit "
                          f"this model (patch embedding {list(model_shape)}); pass --model {size}")
+
+
+# What the released AVSiam weights were trained with (ArchConfig fields): a published checkpoint
+# implies them, and a model without them does not compute what the weights were trained for.
+PUBLISHED_ARCHITECTURE = {"input_doubling": True, "block_norm_eps": 1e-5}
+
+
+def _published_vits(names: list[str], source: str) -> str | None:
+    sizes = sorted({match[1] for n in names if (match := _PUBLISHED_VIT.match(n.removeprefix("module.")))})
+    if len(sizes) > 1:
+        raise CheckpointError(f"{source}: published layout with several ViTs ({', '.join(f'vit_{p}' for p in sizes)})")
+    return sizes[0] if sizes else None
+
+
+def published_size(checkpoint: str | Path) -> str | None:
+    """The model size of a published AVSiam checkpoint file (``base``, ``large``, ``huge``), or
+    None for any other layout; reads the key names only (memory-mapped for torch files)."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+    else:
+        names = list(read_state_dict(path, mmap=True))
+    return _published_vits(names, str(path))
+
+
+def published_architecture_mismatch(model: nn.Module) -> dict[str, object]:
+    """{ArchConfig field: the model's value} where ``model`` differs from :data:`PUBLISHED_ARCHITECTURE`."""
+    block_norm = next(m for m in model.encoder.blocks.modules() if isinstance(m, nn.LayerNorm))
+    actual = {"input_doubling": model.encoder.input_doubling, "block_norm_eps": block_norm.eps}
+    return {k: v for k, v in actual.items() if v != PUBLISHED_ARCHITECTURE[k]}
+
+
+def _as_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # not a number: the recipe's validation names it
+
+
+def resolve_checkpoint_recipe(recipe: RecipeConfig, checkpoint: str | Path, explicit: Mapping[str, object],
+                              option: str) -> RecipeConfig:
+    """``recipe`` with the architecture ``checkpoint`` was trained with: a published AVSiam
+    checkpoint implies :data:`PUBLISHED_ARCHITECTURE`; any other file changes nothing.
+    ``explicit``: the settings the user gave (overrides and variant, ``arch.*`` keys), which
+    must not contradict it; ``option`` names the file's option in the error."""
+    if not Path(checkpoint).is_file():
+        return recipe  # the command names a missing file where it checks its inputs
+    try:
+        size = published_size(checkpoint)
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many types for a file that is neither
+        reason = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise ConfigError(f"{option} {checkpoint}: not a readable safetensors or torch checkpoint ({reason[:200]})") from None
+    if size is None:
+        return recipe
+    for name, value in PUBLISHED_ARCHITECTURE.items():
+        given = explicit.get(f"arch.{name}", value)
+        if isinstance(value, float) and isinstance(given, str):
+            given = _as_float(given)  # an override's "1e-5" (YAML reads it as a string)
+        if given != value:
+            raise ConfigError(f"{option} {checkpoint}: a published AVSiam checkpoint, trained with arch.{name}={value}; "
+                              f"arch.{name}={given} contradicts it (drop that setting)")
+    if all(getattr(recipe.arch, k) == v for k, v in PUBLISHED_ARCHITECTURE.items()):
+        return recipe
+    logger.info("%s %s: a published AVSiam checkpoint: building the model with %s", option, checkpoint,
+                " ".join(f"arch.{k}={v}" for k, v in PUBLISHED_ARCHITECTURE.items()))
+    return recipe.model_copy(update={"arch": recipe.arch.model_copy(update=PUBLISHED_ARCHITECTURE)})
 
 
 def load_pretrained(model: nn.Module, checkpoint: StateDict | str | Path) -> LoadReport:
@@ -248,20 +346,21 @@ def load_pretrained(model: nn.Module, checkpoint: StateDict | str | Path) -> Loa
     Accepts this project's layout (a pretraining or finetuning model's state dict; ``decoder.*``
     is dropped when ``model`` has no decoder) and the published AVSiam layout. Every encoder
     tensor must be found; anything else the file lacks stays as initialised and is listed in
-    the report. The released weights were trained with the input doubling (see
-    ``ArchConfig.input_doubling``); loading them into a model without it logs a warning.
+    the report. The released weights were trained with :data:`PUBLISHED_ARCHITECTURE`; a model
+    built without it is refused, naming the options (``resolve_checkpoint_recipe`` sets them).
     """
     source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "state dict"
     state = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else dict(checkpoint)
     names = [k.removeprefix("module.") for k in state]
-    published = sorted({match[1] for n in names if (match := _PUBLISHED_VIT.match(n))})
-    if len(published) > 1:
-        raise ValueError(f"{source}: published layout with several ViTs ({', '.join(f'vit_{p}' for p in published)})")
+    published = _published_vits(names, source)
     if published:
         converted, dropped, unrecognised = convert_published_state_dict(state)
-        _check_published_size(source, published[0], converted, model)
-        if not model.encoder.input_doubling:
-            logger.warning("%s: published AVSiam weights expect input_doubling=True; this model has it off", source)
+        _check_published_size(source, published, converted, model)
+        if mismatch := published_architecture_mismatch(model):
+            wanted = " ".join(f"arch.{k}={PUBLISHED_ARCHITECTURE[k]}" for k in mismatch)
+            have = ", ".join(f"arch.{k}={v}" for k, v in mismatch.items())
+            raise CheckpointError(f"{source}: a published AVSiam checkpoint, trained with {wanted}; this model has {have} "
+                             "(build it with --variant published, or those overrides)")
     elif any(n.startswith("encoder.") for n in names):
         converted = {k.removeprefix("module."): v for k, v in state.items()}
         has_decoder = getattr(model, "decoder", None) is not None
@@ -269,13 +368,13 @@ def load_pretrained(model: nn.Module, checkpoint: StateDict | str | Path) -> Loa
         converted = {k: v for k, v in converted.items() if k not in dropped}
         unrecognised = []
     else:
-        raise ValueError(f"{source}: neither this project's layout (encoder.*) nor the published one "
+        raise CheckpointError(f"{source}: neither this project's layout (encoder.*) nor the published one "
                          "(vit_base.*, vit_large.*, vit_huge.*)")
     result = model.load_state_dict(converted, strict=False)
     missing = sorted(result.missing_keys)
     missing_encoder = [k for k in missing if k.startswith("encoder.")]
     if missing_encoder:
-        raise ValueError(f"{source}: the checkpoint lacks encoder tensors {missing_encoder[:8]} (a different encoder?)")
+        raise CheckpointError(f"{source}: the checkpoint lacks encoder tensors {missing_encoder[:8]} (a different encoder?)")
     report = LoadReport(
         source,
         loaded=sorted(converted.keys() - set(result.unexpected_keys)),

@@ -20,6 +20,7 @@ from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_
 from avsiam.eval.report import evaluation_results, metric_name
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
 from avsiam.model.finetune import draw_training_head
+from avsiam.model.weights import LoadReport
 from avsiam.train.distributed import DistEnv
 from avsiam.train.divergence import require_finite
 
@@ -48,6 +49,7 @@ class Task:
     """Base: subclasses set ``dataset_class`` and implement the model, the loss and validation."""
 
     dataset_class: type[StagedClips]
+    load_report: LoadReport | None = None  # what build_model loaded from its initial weights
 
     def __init__(self, recipe: RecipeConfig, index: DatasetIndex) -> None:
         self.recipe, self.index = recipe, index

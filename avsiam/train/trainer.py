@@ -130,6 +130,11 @@ def train(recipe: RecipeConfig, data: str | Path, output: str | Path, init_weigh
     try:
         tracker.log_params({**flatten_params(recipe.model_dump(mode="json")), "world_size": env.world_size,
                             "steps_per_epoch": steps_per_epoch, "dataset_digest": index.dataset_digest})
+        if task.load_report is not None and env.is_main:
+            report = output / "init_load_report.txt"
+            report.write_text(f"{task.load_report}\n")
+            tracker.set_tags(task.load_report.tags())
+            tracker.log_artifact(report)
 
         epoch = int(state.get("epoch", 1))
         step_in_epoch = int(state.get("step_in_epoch", 0))
