@@ -153,6 +153,17 @@ def stack(tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tracking_uri_restored():
+    """``mlflow.set_tracking_uri`` (in :func:`mlflow_runs`) also sets MLFLOW_TRACKING_URI in
+    this process's environment: unset both after the module, or later tests' training
+    processes would log to this module's stopped server."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
 def mlflow_runs(stack):
     import mlflow
 

@@ -130,14 +130,16 @@ def test_finetune_from_a_published_pretrained_checkpoint_builds_its_architecture
     pretrained = {k: v for k, v in published_checkpoint(model).items() if not k.startswith("module.mlp_head")}
     torch.save(pretrained, tmp_path / "published_pretrained.pth")
     out = tmp_path / "finetune"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # this test's own tracking store, whatever earlier tests set
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": store}
     proc = avsiam("train", "finetune", "--model", "tiny", "--recipe", "finetune_vggsound", "--init", tmp_path / "published_pretrained.pth",
-                  "--data", staged_single, "--output", out, *FAST, "max_steps=2", "epochs=1")
+                  "--data", staged_single, "--output", out, *FAST, "max_steps=2", "epochs=1", env=env)
     assert "building the model with arch.input_doubling=True arch.block_norm_eps=1e-05" in proc.stderr
     config = (out / "config.yaml").read_text()
     assert "input_doubling: true" in config and "block_norm_eps: 1.0e-05" in config
     report = (out / "init_load_report.txt").read_text()
     assert "published_pretrained.pth: loaded" in report and "missing (12): heads." in report
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = MlflowClient(store)
     run = client.get_run((out / "mlflow_run_id").read_text().strip())
     assert run.data.tags["avsiam.init.missing"] == "heads 12" and run.data.tags["avsiam.init.loaded"].startswith("encoder ")
     assert "mask_token" in run.data.tags["avsiam.init.dropped"]
