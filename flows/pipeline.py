@@ -174,7 +174,7 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, che
     pre_data = staged(config.dataset)
     parent.set_tags({"avsiam.dataset_digest": pre_data.dataset_digest})
     pre_recipe = resolve_recipe(config.model, config.pretrain_recipe, config.overrides.pretrain, variant=config.variant)
-    pre_key = stage_key("pretrain", {"recipe": pre_recipe.model_dump(mode="json", exclude={"num_workers", "checkpoint_every"}),
+    pre_key = stage_key("pretrain", {"recipe": pre_recipe.result_key(),
                                      "data": pre_data.dataset_digest})
     pretrained: TrainManifest = _with_options(train_stage, "pretrain", config, storage)(
         key=pre_key, stage="pretrain", model=config.model, recipe=config.pretrain_recipe, overrides=config.overrides.pretrain,
@@ -187,7 +187,7 @@ def _run_stages(config: PipelineConfig, out: Path, storage, parent: Tracker, che
     for recipe_name in config.finetune_recipes:
         data = staged(config.dataset_for(recipe_name))
         recipe = resolve_recipe(config.model, recipe_name, config.overrides.finetune, variant=config.variant)
-        ft_key = stage_key("finetune", {"recipe": recipe.model_dump(mode="json", exclude={"num_workers", "checkpoint_every"}),
+        ft_key = stage_key("finetune", {"recipe": recipe.result_key(),
                                         "data": data.dataset_digest, "init": pretrained.weights_digest})
         finetuned: TrainManifest = _with_options(train_stage, "finetune", config, storage)(
             key=ft_key, stage="finetune", model=config.model, recipe=recipe_name, overrides=config.overrides.finetune,

@@ -169,3 +169,14 @@ def test_the_published_variant_reproduces_the_published_architecture_and_initial
         True, 1e-5, "nearest_1d", "last_block")
     assert published.model_dump(exclude={"input_doubling", "block_norm_eps", "audio_pos_init", "fusion_init"}) == \
         default.model_dump(exclude={"input_doubling", "block_norm_eps", "audio_pos_init", "fusion_init"})
+
+
+def test_result_neutral_fields_leave_the_result_key_and_resumable_fields_include_them():
+    from avsiam.config import RESULT_NEUTRAL_FIELDS, RESUMABLE_FIELDS, RecipeConfig
+
+    assert RESULT_NEUTRAL_FIELDS < RESUMABLE_FIELDS <= set(RecipeConfig.model_fields)
+    base = resolve_recipe("tiny", "finetune_vggsound")
+    neutral = resolve_recipe("tiny", "finetune_vggsound", ["num_workers=0", "checkpoint_every=3", "keep_checkpoints=7"])
+    assert neutral.result_key() == base.result_key() and neutral != base
+    for changed in ("max_steps=5", "seed=1", "arch.depth=2", "lr=0.0123"):
+        assert resolve_recipe("tiny", "finetune_vggsound", [changed]).result_key() != base.result_key(), changed

@@ -334,9 +334,9 @@ def _gated_run(stack, out: Path, finetune: list[str], **extra):
 
 def test_the_gate_keeps_a_worse_model_promotes_an_equal_one_and_predict_and_serve_use_the_champion(stack, tmp_path, real_data):
     """A model that cannot clear the margin stays challenger; the champion's recipe trained again
-    (a field that does not change results differs, so it is a new run) scores the same and takes
-    champion; `avsiam predict` and `mlflow models serve` then label the real clips with it,
-    through the registry and the S3 artifacts."""
+    (forced, in a new folder: a new run) scores the same and takes champion; `avsiam predict`
+    and `mlflow models serve` then label the real clips with it, through the registry and the
+    S3 artifacts."""
     client, _ = mlflow_runs(stack)
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     parent, worse = _gated_run(stack, tmp_path / "worse", ["max_steps=1"], promotion_margin=1.0)
@@ -349,7 +349,7 @@ def test_the_gate_keeps_a_worse_model_promotes_an_equal_one_and_predict_and_serv
     # The two earlier scenarios' finetuning recipes, by the max_steps the champion's run logged.
     champion_recipe = {"3": ["max_steps=3"], "8": ["max_steps=8", "checkpoint_every=2", "epochs=4"]}
     again = champion_recipe[client.get_run(champion.run_id).data.params["max_steps"]]
-    parent, equal = _gated_run(stack, tmp_path / "equal", [*again, "keep_checkpoints=5"])
+    parent, equal = _gated_run(stack, tmp_path / "equal", again, force=["finetune"])
     assert equal != champion.version
     challenger = parent["metrics.finetune_vggsound.challenger_accuracy"]
     assert challenger == parent["metrics.finetune_vggsound.champion_accuracy"]  # the same training, the same score

@@ -12,10 +12,12 @@ from avsiam.config.presets import (
     preset_summary,
     resolve_recipe,
 )
-from avsiam.config.schema import ArchConfig, RecipeConfig
+from avsiam.config.schema import RESULT_NEUTRAL_FIELDS, RESUMABLE_FIELDS, ArchConfig, RecipeConfig
 
 __all__ = [
     "RECIPES",
+    "RESULT_NEUTRAL_FIELDS",
+    "RESUMABLE_FIELDS",
     "SIZES",
     "ArchConfig",
     "ConfigError",

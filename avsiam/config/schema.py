@@ -92,6 +92,14 @@ class ArchConfig(StrictModel):
         return self.img_size // self.patch_size, self.img_size // self.patch_size
 
 
+# Fields that never change a run's numbers (how it reads data and keeps checkpoints): a
+# stage's cache key ignores them (RecipeConfig.result_key).
+RESULT_NEUTRAL_FIELDS = frozenset({"num_workers", "checkpoint_every", "keep_checkpoints"})
+# Fields that may differ between a run and its resumption from a checkpoint: the neutral ones,
+# and max_steps (a longer run continues the steps of the shorter one).
+RESUMABLE_FIELDS = RESULT_NEUTRAL_FIELDS | {"max_steps"}
+
+
 class RecipeConfig(StrictModel):
     """One resolved run configuration: a row of Tables 4-6 plus what the tables leave implicit."""
 
@@ -181,3 +189,7 @@ class RecipeConfig(StrictModel):
     @property
     def multi_label(self) -> bool:
         return self.loss == "bce"
+
+    def result_key(self) -> dict:
+        """The fields that determine the run's numbers (all but :data:`RESULT_NEUTRAL_FIELDS`), as JSON values."""
+        return self.model_dump(mode="json", exclude=set(RESULT_NEUTRAL_FIELDS))

@@ -35,7 +35,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from avsiam import __version__
-from avsiam.config import ConfigError, LrSchedule, RecipeConfig
+from avsiam.config import RESUMABLE_FIELDS, ConfigError, LrSchedule, RecipeConfig
 from avsiam.data.formats import class_labels_csv
 from avsiam.data.index import CLASSES_NAME, load_index
 from avsiam.data.sampler import DistributedClipSampler, mix_seed
@@ -50,9 +50,6 @@ from avsiam.train.tasks import make_task, step_context
 log = logging.getLogger("avsiam.train")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Fields that may change between a run and its resumption without changing its numbers.
-RESUMABLE_CHANGES = {"max_steps", "num_workers", "checkpoint_every", "keep_checkpoints"}
-
 
 class ResumeMismatch(ConfigError):
     """The output folder holds a checkpoint of a differently configured run."""
@@ -66,7 +63,7 @@ def write_config(recipe: RecipeConfig, output: Path) -> Path:
     new = recipe.model_dump(mode="json")
     if path.exists() and checkpointing.latest_tag(output / "checkpoints"):
         old = yaml.safe_load(path.read_text()) or {}
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS)
         if changed:
             raise ResumeMismatch(
                 f"{output} holds checkpoints of a run with a different configuration (changed: {', '.join(changed)}); "
