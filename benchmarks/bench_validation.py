@@ -29,8 +29,8 @@ from bench_loader import staged_train_split  # the same staged clips as the load
 from avsiam.config import resolve_recipe
 from avsiam.data.datasets import EvalClips
 from avsiam.eval.predict import eval_loader, predict_probabilities
+from avsiam.launch.distributed import DistEnv
 from avsiam.model import build_finetune_model_from_recipe
-from avsiam.train.distributed import DistEnv
 
 
 def decoded_per_second(loader) -> float:

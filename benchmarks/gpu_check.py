@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 from avsiam.config import resolve_recipe
+from avsiam.launch.distributed import init_distributed, on_cpu
 from avsiam.plan.compute import train_flops_per_sample
 from avsiam.plan.hardware import gpu_of_device, gpu_spec
 from avsiam.plan.planner import capacity_plan
-from avsiam.train.distributed import init_distributed, on_cpu
 from avsiam.train.ds_config import deepspeed_config
 from avsiam.train.tasks import PretrainTask, step_context
 from avsiam.train.trainer import DTYPES

@@ -176,6 +176,7 @@ def train_stage(
     """Pretrain or finetune through the training engine; resumes from the run folder's checkpoint.
     A finetuned model is logged as an MLflow pyfunc model (its weights, recipe and classes)."""
     from avsiam.eval.plots import plot_loss_curve
+    from avsiam.train.metrics_log import read_jsonl
 
     log = get_run_logger()
     out = Path(run_dir)
@@ -201,7 +202,7 @@ def train_stage(
 
             checkpoint_uri = f"{checkpoint_store.rstrip('/')}/{stage}/{key[:16]}/checkpoints"
             sync_tree_to_s3(out / "checkpoints", checkpoint_uri)
-        plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+        plot_loss_curve(read_jsonl(out / "metrics.jsonl"), out.name, out / "loss_curve.png")
         run.set_tags({"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
         for path in (out / "config.yaml", out / "summary.json", out / "loss_curve.png"):
             run.log_artifact(path)

@@ -36,7 +36,7 @@ def test_deepspeed_adam_steps_exactly_like_torch_adam_with_l2(single_process_gro
     """Same updates as ``torch.optim.Adam(weight_decay=wd)`` (coupled), and different from AdamW."""
     import deepspeed
 
-    from avsiam.train.distributed import init_distributed
+    from avsiam.launch.distributed import init_distributed
 
     init_distributed()
     recipe = resolve_recipe("tiny", "pretrain_as2m", ["weight_decay=0.1", "zero_stage=2"])  # a large wd makes the mode visible

@@ -17,8 +17,8 @@ from avsiam.data.datasets import EvalClips
 from avsiam.data.formats import class_labels_csv
 from avsiam.data.index import CLASSES_NAME, load_index
 from avsiam.eval.predict import eval_loader, predict_probabilities
+from avsiam.launch.distributed import DistEnv
 from avsiam.model import build_finetune_model_from_recipe
-from avsiam.train.distributed import DistEnv
 
 ARCH = ["arch.depth=2", "num_workers=0"]
 

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from avsiam.eval import retrieval, retrieval_recall
 from avsiam.eval.predict import distributed_retrieval_recall
 from avsiam.eval.retrieval import TIE_TOLERANCE, normalised_pairs, rank_counts
+from avsiam.launch.distributed import DistEnv
 from avsiam.launch.local import free_port
-from avsiam.train.distributed import DistEnv
 
 KEYS = ["a2v_R1", "a2v_R5", "a2v_R10", "a2v_median_rank", "v2a_R1", "v2a_R5", "v2a_R10", "v2a_median_rank"]
 

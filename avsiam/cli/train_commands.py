@@ -81,7 +81,7 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from avsiam.train.distributed import barrier, shutdown_distributed
+    from avsiam.launch.distributed import barrier, shutdown_distributed
     from avsiam.train.divergence import DIVERGED_EXIT_STATUS, TrainingDiverged
     from avsiam.train.trainer import train, write_config
 
@@ -141,7 +141,7 @@ def _evaluated_recipe(args: argparse.Namespace):
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.eval.evaluate import evaluate
-    from avsiam.train.distributed import shutdown_distributed
+    from avsiam.launch.distributed import shutdown_distributed
 
     check_run_folder(args.output)
     recipe = _evaluated_recipe(args)

@@ -20,9 +20,9 @@ from avsiam.data.datasets import EvalClips
 from avsiam.data.index import load_index
 from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, write_report
+from avsiam.launch.distributed import init_distributed, on_cpu
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
 from avsiam.model.weights import CheckpointError, published_size
-from avsiam.train.distributed import init_distributed, on_cpu
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -10,8 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training or CI machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from avsiam.train.metrics_log import read_jsonl  # noqa: E402
-
 
 def plot_per_class_ap(per_class_csv: Path, out_png: Path, top: int = 40) -> Path:
     """Horizontal bars of each head's per-class AP (the ``top`` classes by multimodal AP)."""
@@ -37,9 +35,9 @@ def plot_per_class_ap(per_class_csv: Path, out_png: Path, top: int = 40) -> Path
     return out_png
 
 
-def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
-    """Training loss (and its components, when logged) per optimizer step."""
-    records = read_jsonl(metrics_jsonl)
+def plot_loss_curve(records: list[dict], title: str, out_png: Path) -> Path:
+    """Training loss (and its components, when logged) per optimizer step, from the records of
+    a run's ``metrics.jsonl``."""
     keys = [k for k in ("loss", "loss_contrastive", "loss_mae") if records and k in records[0]]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
@@ -47,7 +45,7 @@ def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend()
-    ax.set_title(Path(metrics_jsonl).parent.name)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

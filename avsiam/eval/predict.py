@@ -18,8 +18,8 @@ from avsiam.data.datasets import EvalClips
 from avsiam.data.sampler import DistributedClipSampler
 from avsiam.eval.metrics import ArrayLike
 from avsiam.eval.retrieval import checked_ks, normalised_pairs, rank_counts, recall_summary
+from avsiam.launch.distributed import DistEnv, gather_objects
 from avsiam.model.finetune import frame_averaged_probabilities
-from avsiam.train.distributed import DistEnv, gather_objects
 
 
 def eval_loader(dataset: EvalClips, env: DistEnv, batch_size: int, num_workers: int, persistent: bool = False) -> DataLoader:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from avsiam.train.distributed import DistEnv, barrier
+from avsiam.launch.distributed import DistEnv, barrier
 
 TAG_PATTERN = re.compile(r"^step(\d+)$")
 

@@ -18,10 +18,10 @@ from avsiam.data.index import DatasetIndex
 from avsiam.data.sampler import class_balanced_weights, mix_seed
 from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_loader, predict_probabilities
 from avsiam.eval.report import evaluation_results, metric_name
+from avsiam.launch.distributed import DistEnv
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
 from avsiam.model.finetune import draw_training_head
 from avsiam.model.weights import LoadReport
-from avsiam.train.distributed import DistEnv
 from avsiam.train.divergence import require_finite
 
 # Parameter-name prefixes of the groups that get their own lr multiplier.

@@ -1,7 +1,7 @@
 """The training loop shared by pretraining and finetuning, on DeepSpeed.
 
 One code path from one CPU process to 64 GPUs: the process joins whatever launcher started it
-(``avsiam.train.distributed``), wraps the model in ``deepspeed.initialize`` (ZeRO 0-3, fp32 /
+(``avsiam.launch.distributed``), wraps the model in ``deepspeed.initialize`` (ZeRO 0-3, fp32 /
 fp16 / bf16 from the recipe) and trains epoch by epoch:
 
 * the lr of every parameter group follows the recipe's per-epoch step decay (after an optional
@@ -39,9 +39,9 @@ from avsiam.config import RESUMABLE_FIELDS, ConfigError, LrSchedule, RecipeConfi
 from avsiam.data.formats import class_labels_csv
 from avsiam.data.index import CLASSES_NAME, load_index
 from avsiam.data.sampler import DistributedClipSampler, mix_seed
+from avsiam.launch.distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, init_distributed, on_cpu
 from avsiam.tracking import flatten_params, make_tracker, redact_credentials
 from avsiam.train import checkpointing
-from avsiam.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_object, init_distributed, on_cpu
 from avsiam.train.divergence import DivergenceGuard, from_deepspeed
 from avsiam.train.ds_config import deepspeed_config
 from avsiam.train.metrics_log import JsonlLog, StepTimer, peak_memory_mb
