@@ -144,3 +144,5 @@ def test_predict_labels_with_a_published_checkpoint_as_with_the_model_it_convert
     assert published == own
     half = avsiam("predict", "--model", tmp_path / "published.pth", "--recipe", "finetune_vggsound", clip, check=False)
     assert half.returncode == 2 and "needs both --recipe and --classes" in half.stderr
+    sized = avsiam("predict", "--model", run / "weights.safetensors", "--size", "tiny", clip, check=False)
+    assert sized.returncode == 2 and "--size is for a published checkpoint" in sized.stderr

@@ -58,6 +58,8 @@ def _labeler(args: argparse.Namespace, device: str):
     from avsiam.eval.labeling import ClipLabeler
 
     model = args.model
+    if args.size and not (args.recipe or args.classes):
+        raise ConfigError("predict: --size is for a published checkpoint, with --recipe and --classes")
     if args.recipe or args.classes:
         if not (args.recipe and args.classes):
             raise ConfigError("predict: a published checkpoint needs both --recipe and --classes")
