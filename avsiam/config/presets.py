@@ -164,7 +164,7 @@ def variants() -> dict[str, dict[str, Any]]:
 
 def explicit_settings(overrides: Iterable[str] = (), variant: str | None = None) -> dict[str, Any]:
     """{dotted key: value} of what a user set on top of the recipe: the variant's, then the overrides'."""
-    named = dict(variants()[variant]) if variant is not None and variant in variants() else {}
+    named = variants().get(variant, {}) if variant is not None else {}
     return {**named, **dict(parse_overrides(overrides))}
 
 

@@ -24,12 +24,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from avsiam.config import ConfigError, RecipeConfig
+from avsiam.config import ArchConfig, ConfigError, RecipeConfig
 from avsiam.model.encoder import AudioVisualEncoder
 
 logger = logging.getLogger(__name__)
@@ -304,11 +305,13 @@ def published_architecture_mismatch(model: nn.Module) -> dict[str, object]:
     return {k: v for k, v in actual.items() if v != PUBLISHED_ARCHITECTURE[k]}
 
 
-def _as_float(text: str) -> float | str:
+def _as_validated(arch: ArchConfig, name: str, value: object) -> object:
+    """``value`` as the field ``name`` of ``arch`` holds it (an override's "1e-5" is a string
+    until the schema reads it); a value the schema refuses stays as given."""
     try:
-        return float(text)
-    except ValueError:
-        return text  # not a number: the recipe's validation names it
+        return getattr(arch.model_validate({**arch.model_dump(), name: value}), name)
+    except ValidationError:
+        return value
 
 
 def resolve_checkpoint_recipe(recipe: RecipeConfig, checkpoint: str | Path, explicit: Mapping[str, object],
@@ -327,9 +330,7 @@ def resolve_checkpoint_recipe(recipe: RecipeConfig, checkpoint: str | Path, expl
     if size is None:
         return recipe
     for name, value in PUBLISHED_ARCHITECTURE.items():
-        given = explicit.get(f"arch.{name}", value)
-        if isinstance(value, float) and isinstance(given, str):
-            given = _as_float(given)  # an override's "1e-5" (YAML reads it as a string)
+        given = _as_validated(recipe.arch, name, explicit.get(f"arch.{name}", value))
         if given != value:
             raise ConfigError(f"{option} {checkpoint}: a published AVSiam checkpoint, trained with arch.{name}={value}; "
                               f"arch.{name}={given} contradicts it (drop that setting)")
