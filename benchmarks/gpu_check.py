@@ -11,7 +11,12 @@ input pipeline is ``bench_loader.py``'s), and prints
   no recomputation) x samples/s over the card's dense peak for that precision;
 * peak memory (``torch.cuda.max_memory_allocated``) next to the planner's model states +
   activations for one GPU (``avsiam plan --gpus 1``, fused attention) and its total with margins;
-* for fp16, the loss scale reached and the overflow steps DeepSpeed skipped.
+* for fp16, the loss scale reached and the overflow steps DeepSpeed skipped;
+* on a GPU, the rate of a large matrix product in the same precision measured on the card
+  (``--no-measure-peak`` skips it), and the MFU against that: the datasheet peak is a lead,
+  the measured one what this card and this PyTorch can reach.
+
+``benchmarks/gpu_check.sh`` runs Base, Large and Huge in one go on a lent device.
 
 One process, one device; on an H100/H200-class card the whole check (model builds, DeepSpeed's
 first FusedAdam build included) takes 2-4 minutes:
@@ -43,8 +48,7 @@ from avsiam.plan.compute import train_flops_per_sample
 from avsiam.plan.hardware import gpu_of_device, gpu_spec
 from avsiam.plan.planner import capacity_plan
 from avsiam.train.ds_config import deepspeed_config
-from avsiam.train.tasks import PretrainTask, step_context
-from avsiam.train.trainer import DTYPES
+from avsiam.train.tasks import DTYPES, PretrainTask, step_context
 
 GIB = 2**30
 
@@ -52,6 +56,50 @@ GIB = 2**30
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """The card's dense matrix rate in ``dtype``: an n x n x n product on random data (zeros
+    run faster than real data), timed with CUDA events after warm-up, median of ``repeats``."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record()
+        a @ b
+        ended.record()
+        ended.synchronize()
+        times.append(began.elapsed_time(ended) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def profile_steps(steps: int, task, engine, batch, recipe, env, device: torch.device, precision: str) -> dict:
+    """Where a step's time goes: ``steps`` more steps under torch.profiler. Prints the operators
+    by device time and returns the kernels' time per step; over the unprofiled step time that is
+    the device's busy share (a low share: the step waits on the host, its Python and launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for step in range(steps):
+            ctx = step_context(recipe.seed, env, 10_000 + step, 0, device, DTYPES[precision])
+            loss, _ = task.step_loss(engine, batch, ctx)
+            engine.backward(loss)
+            engine.step()
+        synchronize(device)
+    events = prof.key_averages()
+    print(f"-- {recipe.model} {precision}: {steps} profiled steps, top operators by {'device' if on_gpu else 'CPU'} time")
+    print(events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=25))
+    # Kernels only: an operator's row repeats the time of the kernels it launched (torch's table total).
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    return {"steps": steps, "device_s_per_step": kernel_us / 1e6 / steps if on_gpu else None,
+            "kernel_launches_per_step": sum(e.count for e in events if e.device_type == DeviceType.CUDA) / steps if on_gpu else None}
 
 
 def check_precision(args, precision: str, env, device: torch.device, gpu) -> dict:
@@ -82,6 +130,8 @@ def check_precision(args, precision: str, env, device: torch.device, gpu) -> dic
         if step >= args.warmup:
             times.append(time.perf_counter() - began)
             losses.append(float(loss.detach().float()))
+    if args.profile:
+        result_profile = profile_steps(args.profile, task, engine, batch, recipe, env, device, precision)
     step_s = statistics.median(times)
     samples_per_s = b / step_s
     flops = train_flops_per_sample(recipe)
@@ -94,6 +144,9 @@ def check_precision(args, precision: str, env, device: torch.device, gpu) -> dic
         "mfu": flops * samples_per_s / peak if peak else None,
         "losses_finite": all(map(math.isfinite, losses)),
     }
+    if device.type == "cuda" and args.measure_peak:
+        measured = matmul_tflops(DTYPES[precision], device)
+        result.update({"measured_matmul_tflops": measured, "mfu_of_measured": result["achieved_tflops"] / measured})
     if device.type == "cuda":
         plan = capacity_plan(recipe, gpu, num_gpus=1)
         result.update({
@@ -101,6 +154,9 @@ def check_precision(args, precision: str, env, device: torch.device, gpu) -> dic
             "planned_states_plus_activations_gib": (plan["model_state_bytes_per_gpu"] + plan["activation_bytes_per_gpu"]) / GIB,
             "planned_required_gib": plan["required_bytes_per_gpu"] / GIB,
         })
+    if args.profile:
+        busy = result_profile["device_s_per_step"]
+        result["profile"] = {**result_profile, "device_busy_share": busy / step_s if busy else None}
     if precision == "fp16":
         result.update({"loss_scale": float(engine.optimizer.cur_scale), "skipped_steps": int(engine.skipped_steps)})
     del engine, model
@@ -116,12 +172,18 @@ def print_table(results: list[dict]) -> None:
         return f"{'-':>{width}}" if value is None else format(value, fmt)
 
     print(f"{'model':>6} {'prec':>5} {'batch':>5} {'step s':>8} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GiB':>9} {'plan GiB':>9} {'plan+margin':>12} {'fp16 scale / skipped':>21}")
+          f"{'GEMM TF/s':>9} {'of GEMM':>7} {'peak GiB':>9} {'plan GiB':>9} {'plan+margin':>12} {'fp16 scale / skipped':>21}")
     for r in results:
         fp16 = f"{r['loss_scale']:.0f} / {r['skipped_steps']}" if "loss_scale" in r else "-"
         print(f"{r['model']:>6} {r['precision']:>5} {r['batch_per_gpu']:>5} {r['step_s']:8.3f} {r['samples_per_s']:10.1f} "
-              f"{r['achieved_tflops']:8.2f} {cell(r['mfu'], '6.1%')} {cell(r.get('peak_memory_gib'), '9.2f')} "
+              f"{r['achieved_tflops']:8.2f} {cell(r['mfu'], '6.1%')} {cell(r.get('measured_matmul_tflops'), '9.1f')} "
+              f"{cell(r.get('mfu_of_measured'), '7.1%')} {cell(r.get('peak_memory_gib'), '9.2f')} "
               f"{cell(r.get('planned_states_plus_activations_gib'), '9.2f')} {cell(r.get('planned_required_gib'), '12.2f')} {fp16:>21}")
+    for r in results:
+        p = r.get("profile") or {}
+        if p.get("device_s_per_step"):
+            print(f"{r['model']} {r['precision']}: kernels {p['device_s_per_step'] * 1e3:.0f} ms of a {r['step_s'] * 1e3:.0f} ms step "
+                  f"({p['device_busy_share']:.0%} busy), {p['kernel_launches_per_step']:.0f} kernel launches per step")
 
 
 def main() -> int:
@@ -136,6 +198,10 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--torch-adam", action="store_true",
                         help="torch's Adam instead of DeepSpeed's FusedAdam (whose first use JIT-builds it with nvcc)")
+    parser.add_argument("--no-measure-peak", dest="measure_peak", action="store_false",
+                        help="skip timing the card's matrix product (MFU against the datasheet only)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many more steps (torch.profiler): the top operators and the device's busy share")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 

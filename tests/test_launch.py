@@ -569,3 +569,28 @@ def test_ray_staging_cluster_definitions_are_coherent():
     assert subprocess.run(["bash", "-n", str(sbatch)], capture_output=True).returncode == 0
     text = sbatch.read_text()
     assert "ray start --head" in text and "avsiam stage --address" in text
+
+
+@pytest.mark.parametrize(
+    ("given", "readable"),
+    [
+        ("9.0a", "9.0"),  # what the lent H200's CUDA 13 image sets
+        ("8.0;9.0a;10.0a+PTX", "8.0;9.0;10.0+PTX"),
+        ("12.0f;12.0", "12.0"),
+        ("7.0 8.0+PTX", "7.0 8.0+PTX"),  # already readable: left as the user wrote it
+    ],
+)
+def test_arch_lists_deepspeed_cannot_parse_are_rewritten(monkeypatch, given, readable):
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, also on a CPU machine
+
+    from avsiam.launch.distributed import deepspeed_readable_arch_list
+
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True  # FusedAdam's first use builds it just in time, parsing the list
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    if given != readable:
+        with pytest.raises(ValueError, match="invalid literal"):
+            builder.compute_capability_args()
+    deepspeed_readable_arch_list()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == readable
+    builder.compute_capability_args()  # DeepSpeed's own parser now reads it

@@ -4,6 +4,7 @@ torchrun, or an external launcher (Slurm, Kubernetes) that sets RANK/WORLD_SIZE/
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ def init_distributed() -> DistEnv:
     import deepspeed
 
     silence_unavoidable_deprecations()
+    deepspeed_readable_arch_list()
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -54,6 +56,18 @@ def init_distributed() -> DistEnv:
     if not on_cpu():
         torch.cuda.set_device(env.local_rank)
     return env
+
+
+def deepspeed_readable_arch_list() -> None:
+    """Rewrite TORCH_CUDA_ARCH_LIST so that DeepSpeed's JIT op builder (FusedAdam's first use)
+    can read it. CUDA 12.8+ images list arch-specific targets such as ``9.0a``, which the
+    builder parses as numbers and fails on ("invalid literal for int() with base 10: '0a'",
+    seen on an H200 with torch 2.11+cu130 and DeepSpeed 0.19). FusedAdam uses no arch-specific
+    instruction, so the plain capability (``9.0``) builds the same kernel."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
+    readable = list(dict.fromkeys(re.sub(r"^(\d+\.\d+)[af]", r"\1", arch.strip()) for arch in archs if arch.strip()))
+    if readable and readable != [arch.strip() for arch in archs if arch.strip()]:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(readable)
 
 
 def release_shm_segment(rank: int) -> None:

@@ -108,8 +108,10 @@ class MaeDecoder(nn.Module):
         removed tokens only, [B, Na - Ka, Pa] and [B, Nv - Kv, Pv] (the loss ignores the rest)."""
         x = self.embed(fused)
         num_audio_kept = audio_mask.keep.shape[1]
-        audio = self._unshuffle(x[:, :num_audio_kept], audio_mask) + self.pos_embed_audio
-        visual = self._unshuffle(x[:, num_audio_kept:], visual_mask) + self.pos_embed_visual
+        # The tables stay float32 when DeepSpeed casts the parameters to bf16/fp16 (it keeps
+        # buffers); added as they are, they would promote the decoder's tokens to float32.
+        audio = self._unshuffle(x[:, :num_audio_kept], audio_mask) + self.pos_embed_audio.to(x.dtype)
+        visual = self._unshuffle(x[:, num_audio_kept:], visual_mask) + self.pos_embed_visual.to(x.dtype)
         audio, visual = audio + self.modality_embed["audio"], visual + self.modality_embed["visual"]
         x = self.blocks(torch.cat([audio, visual], dim=1))
         num_audio = audio.shape[1]

@@ -147,6 +147,10 @@ class FinetuneTask(Task):
         return metric_name(self.index.multi_label)
 
 
+# A recipe's precision as the autocast dtype of its steps.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def make_task(recipe: RecipeConfig, index: DatasetIndex) -> Task:
     if recipe.stage == "finetune" and index.multi_label != (recipe.loss == "bce"):
         kind = "multi-label" if index.multi_label else "single-label"

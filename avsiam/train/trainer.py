@@ -45,11 +45,10 @@ from avsiam.train import checkpointing
 from avsiam.train.divergence import DivergenceGuard, from_deepspeed
 from avsiam.train.ds_config import deepspeed_config
 from avsiam.train.metrics_log import JsonlLog, StepTimer, peak_memory_mb
-from avsiam.train.tasks import make_task, step_context
+from avsiam.train.tasks import DTYPES, make_task, step_context
 
 log = logging.getLogger("avsiam.train")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class ResumeMismatch(ConfigError):
     """The output folder holds a checkpoint of a differently configured run."""
