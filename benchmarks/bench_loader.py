@@ -33,8 +33,8 @@ from avsiam.data.datasets import PretrainClips
 from avsiam.data.sampler import DistributedClipSampler
 from avsiam.data.shards import AUDIO_MEMBER, FRAME_MEMBERS
 from avsiam.data.staging import StagingRequest, stage_dataset
-from avsiam.data.synthetic import generate_synthetic_dataset
 from avsiam.data.video import load_frame
+from avsiam.synthetic import generate_synthetic_dataset
 
 
 class _PerFileSample:

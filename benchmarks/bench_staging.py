@@ -2,8 +2,8 @@
 
 Each run is the staging flow as users run it (``flows.staging.run_staging``: one Prefect task
 per shard on Ray) into a fresh folder, on copies of the two real clips of ../shared/data/real
-(AudioSet-style 256x144 and VGGSound-style 1280x720, half each: the mix the data-at-scale notes
-assume for AudioSet-2M). Reported per run: the shard phase's wall-clock (first task submitted
+(AudioSet-style 256x144 and VGGSound-style 1280x720, half each: AudioSet's downloads are mostly small, VGGSound's
+mostly HD). Reported per run: the shard phase's wall-clock (first task submitted
 to last finished), clips per second, and the CPU-seconds per clip summed over the tasks (decode
 + resize + JPEG/wav encode + shard write). The speed-up is the 1-worker shard phase over the
 2-worker one on the same clips.

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from avsiam.data.staging import StagingRequest, stage_dataset
-from avsiam.data.synthetic import generate_synthetic_dataset
+from avsiam.synthetic import generate_synthetic_dataset
 
 BATCH = {"tiny": 8, "base": 2}
 

@@ -5,7 +5,7 @@
 * The automation that marks flow runs as Crashed when their heartbeats stop (a killed worker, a
   lost node, an evicted pod). Prefect Cloud has it built in; a self-hosted server does not, and
   without it such runs stay Running forever, holding the ``retrain`` deployment's concurrency
-  slot (orchestration notes, "Zombie / stuck Running runs"). A crashed ``avsiam/full`` run is
+  slot (Prefect's guide "Detect zombie flows", docs/v3/advanced/detect-zombie-flows). A crashed ``avsiam/full`` run is
   then simply run again: its finished stages come from the cache and its training stage
   resumes from the checkpoint.
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from avsiam.tracking import Tracker, redact_credentials
-from avsiam.tracking.mlflow_tracker import SPOOL_NAME, Spool, SyncError, metadata_http_budget, spooled_folders, sync_spools
+from avsiam.tracking.mlflow_tracker import SPOOL_NAME, Spool, SyncError, apply_http_budget, spooled_folders, sync_spools
 
 EXPERIMENT = "avsiam"
 FLOW_RUNS_DIR = "flow-runs"
@@ -46,9 +46,9 @@ def registry_client() -> MlflowClient:
 
 def require_reachable(tracking_uri: str) -> None:
     """Raise within seconds when the tracking server does not answer (``tracking_required``)."""
+    apply_http_budget()
     try:
-        with metadata_http_budget():
-            MlflowClient(tracking_uri).search_experiments(max_results=1)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - whatever MLflow's stores raise, the answer is "unreachable"
         first_line = next(iter(str(exc).strip().splitlines()), "")
         raise RuntimeError(
@@ -70,6 +70,36 @@ def stage_run(stage_dir: Path, parent_dir: str | None, stage: str, tags: Mapping
     run_name = "-".join(v for v in (stage, tags.get("avsiam.recipe")) if v)
     return Tracker.start(stage_dir, experiment=EXPERIMENT, run_name=run_name, run_id=run_id,
                          tags={"avsiam.stage": stage, **tags}, parent_dir=parent_dir, run_id_from_env=False)
+
+
+def end_runs_of_flow_run(flow_run_id: str, output_dir: str | None, status: str) -> list[str]:
+    """End the MLflow runs of flow run ``flow_run_id`` that are still RUNNING (its parent run
+    and its stages' runs) with ``status``; returns their ids. The flow's ``on_crashed`` and
+    ``on_cancellation`` hooks call it: they run in the worker's process after the flow's own
+    process was killed (cancelled, crashed, lost its infrastructure), which could not end them.
+    The store is the worker's ``MLFLOW_TRACKING_URI``, else the local store the flow would have
+    created in ``output_dir``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        store = Path(output_dir or ".").resolve() / "mlflow.db"
+        if not store.exists():
+            return []
+        uri = f"sqlite:///{store}"
+    apply_http_budget()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    ids = [experiment.experiment_id]
+    parents = client.search_runs(ids, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    children = [run for parent in parents for run in
+                client.search_runs(ids, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]
+    ended = []
+    for run in [*children, *parents]:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+            ended.append(run.info.run_id)
+    return ended
 
 
 def sync_earlier_spools(output_dir: Path, log) -> None:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.filesystems import LocalFileSystem
+from prefect.logging import get_logger
 
 from avsiam import __version__
 from avsiam.config import resolve_recipe
@@ -88,7 +89,24 @@ def _with_options(task_fn, stage: str, config: PipelineConfig, storage):
     return task_fn.with_options(result_storage=storage, refresh_cache=stage in config.force)
 
 
-@flow(name="avsiam", log_prints=True)
+def _end_tracking(status: str):
+    """A flow-run state hook that ends the flow run's MLflow runs left RUNNING with ``status``."""
+
+    def hook(_flow, flow_run, _state) -> None:
+        log = get_logger("avsiam.flow")
+        try:
+            ended = mlflow_runs.end_runs_of_flow_run(str(flow_run.id), flow_run.parameters.get("output_dir"), status)
+        except Exception as exc:  # noqa: BLE001 - a hook must not fail the state change; say why instead
+            log.warning("could not end the MLflow runs of flow run %s: %s", flow_run.id, redact_credentials(str(exc))[:300])
+            return
+        if ended:
+            log.warning("flow run %s ended without closing its MLflow runs: marked %s %s", flow_run.id, ", ".join(ended), status)
+
+    hook.__name__ = f"end_mlflow_runs_{status.lower()}"
+    return hook
+
+
+@flow(name="avsiam", log_prints=True, on_crashed=[_end_tracking("FAILED")], on_cancellation=[_end_tracking("KILLED")])
 def avsiam_pipeline(
     profile: str = "demo",
     output_dir: str = "avsiam_runs",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,12 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel
 
 from avsiam import __version__
+from avsiam.eval.report import RESULTS_NAME, EvaluationResults
 from avsiam.storage.digest import file_digest
 from avsiam.tracking import registry
 from avsiam.tracking.registry import MODEL_ARTIFACT_PATH, GateDecision
 from avsiam.train.divergence import DIVERGED_EXIT_STATUS
+from avsiam.train.state import SUMMARY_NAME, RunSummary
 from flows import mlflow_runs
 from flows.params import DatasetSource, LauncherSettings
 
@@ -72,22 +73,25 @@ def _key_from_parameters(_context, parameters: dict[str, Any]) -> str:
     return parameters["key"]
 
 
-def _run_command(entry: list[str], launcher: LauncherSettings | None, env: dict[str, str], log_line) -> int:
-    """Run ``avsiam <entry>``: on local ranks through the deepspeed launcher, supervised as one
-    process group (killed as a whole on cancellation or at the wall-clock limit)."""
-    from avsiam.launch.local import deepspeed_command
-    from avsiam.launch.supervisor import run_supervised
+# What a launched stage needs from the flow's environment, and all a cluster job is given of it:
+# the tracking store (the flow may have set a local one) and where S3 is. Credentials are not
+# forwarded: a cluster job gets its own (its env_file, a Kubernetes secret); local ranks inherit.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
+
+def _launch(entry: list[str], launcher: LauncherSettings | None, log_line) -> int:
+    """Run ``avsiam <entry>`` through :func:`avsiam.launch.backends.launch`: on the stage's
+    launcher, or (``None``) as one process here; supervised as one process group, killed as a
+    whole on cancellation or at the wall-clock limit."""
+    from avsiam.launch.backends import launch
+
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if launcher is None:
-        argv = [sys.executable, "-m", "avsiam.cli.main", *entry]
-        return run_supervised(argv, env=env, log_line=log_line)
-    if launcher.backend != "local":
-        from avsiam.launch.backends import launch
-
-        return launch(launcher.backend, entry, nodes=launcher.nodes, gpus_per_node=launcher.gpus_per_node,
-                      log_line=log_line, wall_clock_limit_s=launcher.wall_clock_limit_s, env=env, **launcher.options)
-    return run_supervised(deepspeed_command(launcher.nproc, entry), env=env, log_line=log_line,
-                          wall_clock_limit_s=launcher.wall_clock_limit_s)
+        return launch("local", entry, env=env, log_line=log_line, launcher="python")
+    local = launcher.backend == "local"
+    return launch(launcher.backend, entry, nodes=launcher.nodes, gpus_per_node=launcher.nproc if local else launcher.gpus_per_node,
+                  env=env, log_line=log_line, wall_clock_limit_s=launcher.wall_clock_limit_s, **launcher.options)
 
 
 @task(name="stage_data", cache_key_fn=_key_from_parameters, persist_result=True)
@@ -136,7 +140,7 @@ def _materialize(source: DatasetSource, root: Path, log) -> tuple[str, list[Path
     """(videos folder or s3:// prefix, local label files, classes csv) of the source, generated
     or fetched as needed; the clips of an S3 source stay in S3."""
     if source.is_synthetic:
-        from avsiam.data.synthetic import generate_synthetic_dataset
+        from avsiam.synthetic import generate_synthetic_dataset
 
         raw = root / "synthetic"
         spec = source.synthetic
@@ -184,9 +188,8 @@ def train_stage(
     run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # the run the training process finds in its folder
     entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.location, "--output", str(out),
              *(["--init", init.weights_path] if init else []), *(["--variant", variant] if variant else []), *overrides]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # the folder decides the run
     try:
-        code = _run_command(entry, launcher, env, log.info)
+        code = _launch(entry, launcher, log.info)
         run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # re-read: the training process may have created it
         if code == DIVERGED_EXIT_STATUS:
             raise RuntimeError(f"{stage} ({recipe}) diverged (the log above names the step); resuming would diverge again: "
@@ -194,9 +197,9 @@ def train_stage(
         if code != 0:
             raise RuntimeError(f"{stage} ({recipe}) exited with code {code}; run the flow again to resume from "
                                f"{out / 'checkpoints'}")
-        summary = json.loads((out / "summary.json").read_text())
-        weights = Path(summary["weights"])
-        checkpoint_uri = summary["checkpoint"]
+        summary = RunSummary.read(out)
+        weights = Path(summary.weights)
+        checkpoint_uri = summary.checkpoint
         if checkpoint_store:
             from avsiam.storage.s3 import sync_tree_to_s3
 
@@ -204,7 +207,7 @@ def train_stage(
             sync_tree_to_s3(out / "checkpoints", checkpoint_uri)
         plot_loss_curve(read_jsonl(out / "metrics.jsonl"), out.name, out / "loss_curve.png")
         run.set_tags({"avsiam.checkpoint_uri": checkpoint_uri, "avsiam.weights_file": weights.name})
-        for path in (out / "config.yaml", out / "summary.json", out / "loss_curve.png"):
+        for path in (out / "config.yaml", out / SUMMARY_NAME, out / "loss_curve.png"):
             run.log_artifact(path)
         if stage == "finetune":
             from avsiam.eval.serving import save_clip_model
@@ -218,8 +221,8 @@ def train_stage(
         raise
     run.finish()
     return TrainManifest(stage=stage, recipe=recipe, run_dir=str(out), weights_path=str(weights),
-                         weights_digest=file_digest(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary["gpu_hours"],
-                         final_validation={k: v for k, v in summary.get("final_validation", {}).items() if isinstance(v, (int, float))},
+                         weights_digest=file_digest(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary.gpu_hours,
+                         final_validation={k: v for k, v in (summary.final_validation or {}).items() if isinstance(v, (int, float))},
                          mlflow_run_id=run.run_id)
 
 
@@ -261,18 +264,18 @@ def evaluate_stage(
              "--output", str(out), *(["--variant", variant] if variant else []), *arch_overrides]
     with mlflow_runs.stage_run(out, parent_dir, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
                                                              "avsiam.dataset_digest": data.dataset_digest}) as run:
-        code = _run_command(entry, None, dict(os.environ), log.info)
+        code = _launch(entry, None, log.info)
         if code != 0:
             raise RuntimeError(f"evaluate ({recipe}) exited with code {code}")
-        results = json.loads((out / "results.json").read_text())
-        metrics = {k: v for k, v in results.items() if isinstance(v, float)}
-        run.log_params({"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results["split"]})
-        run.log_metrics(metrics)
+        results = EvaluationResults.read(out)
+        run.log_params({"recipe": recipe, "model": model, "weights": finetuned.weights_path, "split": results.split})
+        run.log_metrics(results.scores())
         plot_per_class_ap(out / "per_class.csv", out / "per_class_ap.png")
-        for path in (out / "results.json", out / "per_class.csv", out / "per_class_ap.png",
+        for path in (out / RESULTS_NAME, out / "per_class.csv", out / "per_class_ap.png",
                      Path(finetuned.run_dir) / "loss_curve.png"):
             run.log_artifact(path)
-    return EvalManifest(recipe=recipe, run_dir=str(out), metric=results["metric"], results=results, mlflow_run_id=run.run_id)
+    return EvalManifest(recipe=recipe, run_dir=str(out), metric=results.metric, results=results.model_dump(exclude_none=True),
+                        mlflow_run_id=run.run_id)
 
 
 @task(name="gate", cache_key_fn=_key_from_parameters, persist_result=True)
@@ -313,10 +316,10 @@ def _champion_score(name: str, version: str, data: DataManifest, metric: str, ou
     scored = out / f"champion-v{version}-evaluation"
     entry = ["evaluate", "--config", str(artifacts / "config.yaml"), "--weights", str(artifacts / "weights.safetensors"),
              "--data", data.location, "--output", str(scored)]
-    code = _run_command(entry, None, dict(os.environ), log.info)
+    code = _launch(entry, None, log.info)
     if code != 0:
         raise RuntimeError(f"scoring the champion ({name} version {version}) on the test split exited with code {code}")
-    results = json.loads((scored / "results.json").read_text())
-    if results.get("metric") != metric:
-        raise RuntimeError(f"{name} version {version} is scored by {results.get('metric')}, the challenger by {metric}")
-    return float(results[metric])
+    results = EvaluationResults.read(scored)
+    if results.metric != metric:
+        raise RuntimeError(f"{name} version {version} is scored by {results.metric}, the challenger by {metric}")
+    return results.headline

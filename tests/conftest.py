@@ -25,7 +25,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_single(tmp_path_factory):
     """A small single-label synthetic dataset in the VGGSound layout (4 classes, 40 clips)."""
-    from avsiam.data.synthetic import generate_synthetic_dataset
+    from avsiam.synthetic import generate_synthetic_dataset
 
     return generate_synthetic_dataset(tmp_path_factory.mktemp("synth") / "single", 4, 40, seed=1, workers=2, progress=False)
 
@@ -33,7 +33,7 @@ def synthetic_single(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_multi(tmp_path_factory):
     """A small multi-label synthetic dataset in the AudioSet layout (5 classes, 40 clips)."""
-    from avsiam.data.synthetic import generate_synthetic_dataset
+    from avsiam.synthetic import generate_synthetic_dataset
 
     return generate_synthetic_dataset(tmp_path_factory.mktemp("synth") / "multi", 5, 40, multi_label=True, seed=2, workers=2, progress=False)
 

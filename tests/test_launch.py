@@ -234,6 +234,11 @@ def test_local_backend_runs_deepspeed_or_torchrun_on_this_node(capsys):
     assert LocalBackend(launcher="torchrun", master_port=29912).command(spec) == [
         f"{VENV_BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29912",
         "--module", "avsiam.cli.main", *HUGE_PRETRAIN]
+    # One process without a launcher: how the flow runs evaluations, through the same launch().
+    one = LaunchSpec.create(HUGE_PRETRAIN)
+    assert LocalBackend(launcher="python").command(one) == [sys.executable, "-m", "avsiam.cli.main", *HUGE_PRETRAIN]
+    with pytest.raises(ValueError, match="runs one process"):
+        LocalBackend(launcher="python").command(spec)
 
 
 @pytest.mark.slow

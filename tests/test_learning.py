@@ -12,7 +12,7 @@ import json
 import pytest
 from helpers import avsiam, stage_synthetic
 
-from avsiam.data.synthetic import generate_synthetic_dataset
+from avsiam.synthetic import generate_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 

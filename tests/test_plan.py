@@ -50,7 +50,7 @@ def test_parameters_are_counted_on_the_real_model():
     with torch.device("meta"):
         model = build_pretrain_model("base")
     encoder_and_fusion = sum(p.numel() for m in (model.encoder, model.fusion) for p in m.parameters())
-    assert encoder_and_fusion / 1e6 == pytest.approx(100.65, rel=1e-3)  # notes 11.2; the paper's "100M"
+    assert encoder_and_fusion / 1e6 == pytest.approx(100.65, rel=1e-3)  # the paper's "100M"
     decoder = sum(p.numel() for p in model.decoder.parameters())
     assert count_parameters(recipe).total == encoder_and_fusion + decoder
 

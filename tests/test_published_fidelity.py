@@ -1,7 +1,7 @@
 """A published AVSiam checkpoint computes what the published code computes.
 
 The reference below is written from the description of the published finetuning model
-(implementation notes, sections 4 and 6; the published code itself has no licence and is not
+(GenjiB/AVSiam's ``CAVMAEFT_BASE``; the published code itself has no licence and is not
 copied): a timm-style ViT ``vit_base`` whose custom pre-LN blocks hold three LayerNorm pairs
 (generic, ``_a``, ``_v``; torch's ``nn.LayerNorm``, eps 1e-5), final norms ``norm`` / ``norm_a``
 (timm's, eps 1e-6), every token doubled before block 1 (``x + norm_pre(x)``), two fusion blocks
@@ -74,7 +74,7 @@ class ReferenceViT(nn.Module):
 
 
 class ReferenceClassifier(nn.Module):
-    """The published finetuning model (``CAVMAEFT_BASE`` as the notes describe it)."""
+    """The published finetuning model (``CAVMAEFT_BASE``, from its description)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from avsiam.data import formats
-from avsiam.data.synthetic import (
+from avsiam.synthetic.dataset import (
     CLIP_SECONDS,
     FRAME_HEIGHT,
     FRAME_WIDTH,

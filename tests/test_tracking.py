@@ -466,3 +466,24 @@ def test_records_of_a_run_that_ended_during_the_outage_are_sent_by_tracking_sync
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["avsiam.weights"] == "/runs/x/weights.safetensors"
     assert metric_steps(client, tracker.run_id, "loss") == list(range(24))
+
+
+def test_the_http_budget_is_set_once_per_process_and_lifted_only_around_artifact_uploads(monkeypatch):
+    from avsiam.tracking import mlflow_tracker
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(name, "recorded")  # so that the test's end restores the shell's values
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the user's setting
+    monkeypatch.setattr(mlflow_tracker, "_budget_set_here", set())
+    mlflow_tracker.apply_http_budget()
+    mlflow_tracker.apply_http_budget()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    with mlflow_tracker._artifact_upload_timeout():
+        assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # MLflow's own timeout for the upload
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    monkeypatch.setattr(mlflow_tracker, "_budget_set_here", set())
+    with mlflow_tracker._artifact_upload_timeout():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"  # the user's timeout is left alone

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an MLflow search filter on the evaluate runs, ANDed to the others, e.g. \"metrics.mAP > 0.4\"")
     p.add_argument("--paper", action="store_true",
                    help="add the paper's reported score and V100-hours where model and recipe match (base, large, huge; "
-                        "a secondary source, implementation notes section 12)")
+                        "read from a secondary summary of the paper)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also write a GPU-hours vs score scatter plot to this file")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list (scores as logged: fractions)")
     p.set_defaults(handler=run)

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from avsiam.data.synthetic import generate_synthetic_dataset
+    from avsiam.synthetic import generate_synthetic_dataset
 
     ds = generate_synthetic_dataset(args.out, args.classes, args.clips, multi_label=args.multi_label, seed=args.seed, workers=args.workers)
     kind = "multi-label (AudioSet layout)" if ds.multi_label else "single-label (VGGSound layout)"

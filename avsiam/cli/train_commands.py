@@ -11,7 +11,6 @@ A run that diverges exits with status 3 after one message (from rank 0) naming t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -95,14 +94,13 @@ def run_train(args: argparse.Namespace) -> int:
     if not launched:
         _preflight(args, recipe)
     if args.nproc and not launched:
-        from avsiam.launch.local import deepspeed_command
-        from avsiam.launch.supervisor import run_supervised
+        from avsiam.launch.backends import launch
 
         write_config(recipe, args.output)  # refuses a mismatching resume before launching
         entry = ["train", args.stage, "--model", args.model, "--recipe", args.recipe, "--data", str(args.data),
                  "--output", str(args.output), *(["--init", str(args.init)] if args.init else []),
                  *(["--variant", args.variant] if args.variant else []), *args.overrides]
-        return run_supervised(deepspeed_command(args.nproc, entry))
+        return launch("local", entry, gpus_per_node=args.nproc)
     try:
         summary = train(recipe, args.data, args.output, init_weights=args.init)
     except TrainingDiverged as exc:
@@ -115,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         return DIVERGED_EXIT_STATUS
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+        print(summary.model_dump_json(indent=1, exclude={"history"}))
     return 0
 
 
@@ -148,6 +146,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate(recipe, args.weights, args.data, args.output, split=args.split)
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(results, indent=1))
+        print(results.model_dump_json(indent=1, exclude_none=True))
     return 0
 

@@ -8,9 +8,7 @@ Pretrained weights (a pretraining recipe): audio-visual retrieval recall@k.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -19,7 +17,7 @@ from avsiam.config import RecipeConfig
 from avsiam.data.datasets import EvalClips
 from avsiam.data.index import load_index
 from avsiam.eval.predict import distributed_retrieval_recall, embed_clips, eval_loader, predict_probabilities
-from avsiam.eval.report import evaluation_results, write_report
+from avsiam.eval.report import EvaluationResults, evaluation_results, write_report
 from avsiam.launch.distributed import init_distributed, on_cpu
 from avsiam.model import build_finetune_model_from_recipe, build_pretrain_model_from_recipe, load_pretrained
 from avsiam.model.weights import CheckpointError, published_size
@@ -48,7 +46,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         )
 
 
-def evaluate(recipe: RecipeConfig, weights: str | Path, data: str | Path, output: str | Path, split: str = "test") -> dict[str, Any]:
+def evaluate(recipe: RecipeConfig, weights: str | Path, data: str | Path, output: str | Path, split: str = "test") -> EvaluationResults:
     env = init_distributed()
     device = torch.device("cpu") if on_cpu() else torch.device("cuda", env.local_rank)
     index = load_index(data)
@@ -61,16 +59,17 @@ def evaluate(recipe: RecipeConfig, weights: str | Path, data: str | Path, output
         model = build_pretrain_model_from_recipe(recipe).to(device)
         load_weights(model, weights)
         audio, visual = embed_clips(model.encoder, loader, device=device)
-        results: dict[str, Any] = {"metric": "retrieval", "split": split, "num_clips": len(dataset), **distributed_retrieval_recall(audio, visual, env, device)}
+        results = EvaluationResults(metric="retrieval", split=split, num_clips=len(dataset),
+                                    **distributed_retrieval_recall(audio, visual, env, device))
         if env.is_main:
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            results.write(output)
         return results
     model = build_finetune_model_from_recipe(recipe, index.num_classes).to(device)
     load_weights(model, weights)
     probabilities = predict_probabilities(model, loader, multi_label=index.multi_label, device=device)
     targets = dataset.exact_targets()
-    results = {"split": split, "model": recipe.model, "recipe": recipe.recipe, **evaluation_results(probabilities, targets, index.multi_label)}
+    results = EvaluationResults(split=split, model=recipe.model, recipe=recipe.recipe,
+                                **evaluation_results(probabilities, targets, index.multi_label))
     if env.is_main:
         write_report(output, results, probabilities, targets, index.classes.mids, index.classes.names)
     return results

@@ -24,7 +24,9 @@ from avsiam.launch.slurm import SlurmBackend
 from avsiam.launch.spec import LaunchSpec
 from avsiam.launch.supervisor import run_supervised
 
-LOCAL_LAUNCHERS = ("deepspeed", "torchrun")
+# How the local backend starts the ranks: DeepSpeed's or torch's launcher, or (one rank: an
+# evaluation, the flow's single-process steps) this interpreter without a launcher.
+LOCAL_LAUNCHERS = ("deepspeed", "torchrun", "python")
 
 
 class Backend(Protocol):
@@ -55,6 +57,10 @@ class LocalBackend:
             raise ValueError("the local backend runs on this node only: --nodes 1 (or the hostfile, slurm or kubernetes backend)")
         if self.launcher == "deepspeed":
             return deepspeed_command(spec.gpus_per_node, spec.entry_args, self.master_port)
+        if self.launcher == "python":
+            if spec.gpus_per_node != 1:
+                raise ValueError("--launcher python runs one process: --gpus-per-node 1 (or the deepspeed launcher)")
+            return [sys.executable, "-m", ENTRY_MODULE, *spec.entry_args]
         return [torchrun_launcher(), "--nnodes", "1", "--nproc_per_node", str(spec.gpus_per_node), "--master_addr", "127.0.0.1",
                 "--master_port", str(self.master_port or free_port()), "--module", ENTRY_MODULE, *spec.entry_args]
 

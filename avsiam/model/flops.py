@@ -1,7 +1,7 @@
 """Analytic FLOPs per sample, to read utilisation off measured step times.
 
-Matmuls only, 2 FLOPs per multiply-add (LayerNorm, softmax, GELU and biases are ignored), as in
-the implementation notes, section 11.3. One transformer block on N tokens of width D costs
+Matmuls only, 2 FLOPs per multiply-add (LayerNorm, softmax, GELU and biases are ignored, the
+usual convention for model-FLOPs utilisation). One transformer block on N tokens of width D costs
 F(N, D) = 24 N D^2 + 4 N^2 D: QKV 6ND^2, projection 2ND^2, MLP 16ND^2, then QK^T and AV. A
 trained layer costs 3x its forward (forward, input gradient, weight gradient); a layer run
 without autograd costs its forward only.

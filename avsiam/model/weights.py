@@ -201,7 +201,7 @@ def init_from_timm_vit(
     return LoadReport(source, loaded=sorted(converted), unexpected=sorted(state.keys() - used))
 
 
-# The published checkpoint layout (GenjiB/AVSiam, implementation notes sections 4 and 8), after
+# The published checkpoint layout (the key names of GenjiB/AVSiam's released checkpoints), after
 # the DDP "module." prefix is removed. A rule maps a key to this project's name or, with None,
 # drops a tensor known to have no place here. The first matching rule wins. The shared ViT is
 # ``vit_base`` in the Base model class, ``vit_large`` / ``vit_huge`` in the Large and Huge ones,

@@ -57,7 +57,7 @@ KNOWN_GPUS: dict[str, Gpu] = {
 }
 
 # The card behind each ``gpu_type`` of the presets. The paper does not say which V100; the
-# cluster is taken to be the 32 GB SXM2 model (what the orchestration notes plan for).
+# cluster is taken to be the 32 GB SXM2 model, the common one in 64-GPU clusters of its time.
 CLUSTER_GPUS = {"V100": "v100-32gb", "A5000": "a5000"}
 
 

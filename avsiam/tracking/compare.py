@@ -40,9 +40,8 @@ SHORT_RUN_ID = 8
 # The dataset each finetuning recipe targets, named as in the paper's tables.
 RECIPE_DATASET = {"finetune_as20k": "AS-20K", "finetune_as2m": "AS-2M", "finetune_vggsound": "VGGSound"}
 
-# The paper's reported results in percent (/work/shared/reference/avsiam_implementation_notes.md,
-# section 12). Their source is a secondary summary of the paper, not verified against arXiv
-# 2403.19638. V100-hours are the paper's training cost of each model, on other GPUs than ours:
+# The paper's reported results in percent. Their source is a secondary summary of the paper
+# (papernotes' ECCV 2024 note), not verified against arXiv 2403.19638. V100-hours are the paper's training cost of each model, on other GPUs than ours:
 # a reference point, not a number pipeline_gpu_hours must match.
 PAPER_SCORES = {
     ("base", "finetune_as20k"): 41.6, ("base", "finetune_as2m"): 50.1, ("base", "finetune_vggsound"): 64.9,

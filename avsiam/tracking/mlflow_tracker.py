@@ -6,11 +6,12 @@ found the way an orchestrated training needs it:
 * tracking URI: ``MLFLOW_TRACKING_URI``, else a sqlite store ``<output_dir>/mlflow.db`` whose
   artifacts go to ``<output_dir>/mlartifacts`` (MLflow would put them under ``./mlruns`` of
   whatever the working directory is);
-* run: the explicit ``run_id`` (a resumed checkpoint's), else ``MLFLOW_RUN_ID``, else the run
-  recorded in ``<output_dir>/mlflow_run_id`` (the tracker writes it once MLflow has created
-  the run, so every process working in the folder, the orchestrator's and the training's,
-  logs to one run), else the run whose creation is still waiting in the folder's spool, else
-  a new run in the experiment. A new run is a child run when ``parent_run_id`` or
+* run: the explicit ``run_id`` (a resumed checkpoint's), else the run recorded in
+  ``<output_dir>/mlflow_run_id`` (the tracker writes it once MLflow has created the run, so
+  every process working in the folder, the orchestrator's and the training's, logs to one
+  run), else the run whose creation is still waiting in the folder's spool, else
+  ``MLFLOW_RUN_ID`` (an orchestrator's run that a new folder attaches to), else a new run in
+  the experiment. A new run is a child run when ``parent_run_id`` or
   ``parent_dir`` (the folder of the parent's tracker, resolved when the child is created, so
   a parent created during an outage still nests its children) is given. Re-opening a run sets
   it back to RUNNING.
@@ -53,9 +54,11 @@ waits 120 s per request by default, minutes of stalled training per call against
 server. The tracker has its own recovery, so its metadata calls run with a 5 s timeout and
 no retries, artifact uploads (gigabytes through a proxy) with no retries and MLflow's
 timeout. MLflow reads these settings from the environment at every request and has no
-per-client setting, so they are set around each call, and only where the user has not set
-them: ``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` set by the
-user win.
+per-client setting, so a process that tracks sets the metadata budget once
+(:func:`apply_http_budget`, when its first tracker starts), only where the user has not set
+them (``MLFLOW_HTTP_REQUEST_TIMEOUT`` and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` set by the user
+win); an artifact upload lifts the 5 s timeout for its own duration, under a lock every
+tracker of the process shares.
 
 Credentials never leave the process: :attr:`Tracker.tracking_uri` and every logged message
 go through :func:`redact_credentials`, and the spool holds only the redacted URI.
@@ -99,12 +102,13 @@ SEND_INTERVAL_S = 1.0  # the sender thread's shortest interval between two metri
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 Record = dict[str, Any]
 
-# Applied around each MLflow call where the user has not set them (module docstring, "HTTP budget").
+# Set once per process where the user has not set them (module docstring, "HTTP budget").
 # Ending a run on a server makes MLflow print its URL, user:password included, to stdout (the
 # flow's and the training's logs), after one more request to build it: suppressed.
-_QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-_METADATA_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **_QUIET}
-_ARTIFACT_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **_QUIET}
+_HTTP_BUDGET = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+_budget_set_here: set[str] = set()  # the variables apply_http_budget set (not the user)
+_artifact_upload_lock = threading.Lock()
 
 _URI_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
 _SECRET_QUERY_PARAM = re.compile(
@@ -127,16 +131,27 @@ def redact_credentials(text: str) -> str:
     return text
 
 
+def apply_http_budget() -> None:
+    """Give this process's MLflow calls the tracker's budget (5 s, no retries), where the user
+    has not set them; idempotent. Trackers call it; so do other callers of MLflow's client
+    that must fail fast (the flow's reachability check, its state hooks)."""
+    for name, value in _HTTP_BUDGET.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            _budget_set_here.add(name)
+
+
 @contextmanager
-def _env_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
-    """Set the variables of ``defaults`` the environment lacks, for the duration of the block."""
-    added = [name for name in defaults if name not in os.environ]
-    os.environ.update({name: defaults[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
+def _artifact_upload_timeout() -> Iterator[None]:
+    """MLflow's own request timeout for one artifact upload instead of the 5 s budget: a
+    proxying server answers once the file is stored, which takes longer for gigabytes."""
+    with _artifact_upload_lock:
+        lifted = "MLFLOW_HTTP_REQUEST_TIMEOUT" in _budget_set_here and os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+        try:
+            yield
+        finally:
+            if lifted:
+                os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = lifted
 
 
 def recorded_run_id(output_dir: Path) -> str | None:
@@ -152,12 +167,6 @@ def local_artifact_location(tracking_uri: str) -> str | None:
         return None
     database = Path(tracking_uri.removeprefix("sqlite:///"))
     return (database.resolve().parent / LOCAL_ARTIFACTS_NAME).as_uri()
-
-
-def metadata_http_budget() -> contextlib.AbstractContextManager[None]:
-    """The tracker's HTTP budget for metadata calls (5 s, no retries), for callers of MLflow's
-    client that must fail fast too."""
-    return _env_defaults(_METADATA_HTTP_BUDGET)
 
 
 def _now_ms() -> int:
@@ -223,6 +232,7 @@ class Tracker:
         reconnect_interval_s: float = DEFAULT_RECONNECT_INTERVAL_S,
         first_retry_s: float = DEFAULT_FIRST_RETRY_S,
     ) -> None:
+        apply_http_budget()
         self._uri = tracking_uri
         self.tracking_uri = redact_credentials(tracking_uri)
         self.run_id = run_id
@@ -272,7 +282,7 @@ class Tracker:
         tracker = cls(
             uri,
             spool=spool,
-            run_id=run_id or (run_id_from_env and os.environ.get("MLFLOW_RUN_ID")) or recorded_run_id(output_dir),
+            run_id=run_id or recorded_run_id(output_dir),
             reconnect_interval_s=reconnect_interval_s,
             first_retry_s=first_retry_s,
         )
@@ -284,6 +294,8 @@ class Tracker:
             # outage): this is that run, not another one.
             tracker._submit({"kind": "tags", "tags": run_tags}, reconnect_now=True)
             return tracker
+        if tracker.run_id is None and run_id_from_env:
+            tracker.run_id = os.environ.get("MLFLOW_RUN_ID") or None
         tracker._submit(
             {
                 "kind": "open",
@@ -457,8 +469,7 @@ class Tracker:
         """Send one batch from :func:`_delivery_batches` to MLflow; raises what MLflow raises."""
         first = batch[0]
         kind = first["kind"]
-        budget = _ARTIFACT_HTTP_BUDGET if kind == "artifact" else _METADATA_HTTP_BUDGET
-        with _env_defaults(budget):
+        with _artifact_upload_timeout() if kind == "artifact" else contextlib.nullcontext():
             if kind == "open":
                 self._open_run(first)
                 return

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from avsiam.launch.distributed import DistEnv, barrier
+from avsiam.train.state import CheckpointPolicy
 
 TAG_PATTERN = re.compile(r"^step(\d+)$")
 
@@ -37,17 +38,13 @@ def save(engine, checkpoint_dir: Path, global_step: int, client_state: dict[str,
     return tag
 
 
-def prune(checkpoint_dir: Path, keep: int, protect: set[str], env: DistEnv) -> None:
-    """Keep the ``keep`` newest step checkpoints plus ``protect`` (e.g. the best epoch)."""
+def prune(checkpoint_dir: Path, policy: CheckpointPolicy, protected: set[str], env: DistEnv) -> None:
+    """Delete the step checkpoints ``policy`` does not keep (never ``protected`` or the latest)."""
     barrier()  # every rank has finished writing before anything is removed
     if env.is_main:
-        tags = sorted(
-            (int(m.group(1)), p.name) for p in checkpoint_dir.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))
-        )
-        current = latest_tag(checkpoint_dir)
-        for _, tag in tags[:-keep] if keep else tags:
-            if tag not in protect and tag != current:
-                shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+        tags = {p.name: int(m.group(1)) for p in checkpoint_dir.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))}
+        for tag in policy.to_remove(tags, protected, latest_tag(checkpoint_dir)):
+            shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
     barrier()
 
 
