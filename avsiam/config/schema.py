@@ -21,6 +21,7 @@ GpuType = Literal["A5000", "V100", "CPU"]
 Precision = Literal["fp32", "fp16", "bf16"]
 FinetuneMode = Literal["mixed", "multimodal", "audio", "visual"]
 EncoderKind = Literal["siamese", "separate"]
+AudioMasking = Literal["tf", "unstructured"]  # contrastive passes: whole time frames / frequency bands, or single patches
 
 
 class StrictModel(BaseModel):
@@ -143,11 +144,11 @@ class RecipeConfig(StrictModel):
     noise: bool = True  # small additive noise on the normalised fbank (training)
     contrastive_mask_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
     # "tf": time-frequency structured audio masking (AVSiam); "unstructured": random tokens.
-    audio_contrastive_masking: Literal["tf", "unstructured"] = "tf"
+    audio_contrastive_masking: AudioMasking = "tf"
     contrastive_weight: float = Field(default=1.0, gt=0)  # L = w * L_c + L_mae (CAV-MAE: 0.01)
     use_mae: bool = True  # False: contrastive only (Table 3's plain CAV row)
     norm_pix_loss: bool = False  # the published code computes MSE on the raw normalised inputs
-    mae_mask_ratio: float = Field(default=0.75, ge=0, lt=1)
+    mae_mask_ratio: float = Field(default=0.75, gt=0, lt=1)  # 0 would leave nothing to reconstruct
     temperature: float = Field(default=0.05, gt=0)
     stop_gradient_before_fusion: bool = True  # the supplement: stop-gradient before fusion
     finetune_mode: FinetuneMode = "mixed"  # mixed: multimodal 0.5, audio 0.25, visual 0.25

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from avsiam.config import ArchConfig, RecipeConfig, arch_config
+from avsiam.config.schema import AudioMasking, FinetuneMode
 from avsiam.model.encoder import build_encoder, build_fusion_layers
-from avsiam.model.finetune import AudioVisualClassifier, FinetuneMode
+from avsiam.model.finetune import AudioVisualClassifier
 from avsiam.model.mae import MaeDecoder
-from avsiam.model.pretrain import AudioMasking, AudioVisualPretrainingModel
+from avsiam.model.pretrain import AudioVisualPretrainingModel
 from avsiam.model.weights import init_from_timm_vit, load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -35,13 +36,13 @@ def build_pretrain_model(
     size: str | ArchConfig,
     *,
     contrastive_mask_ratios: Sequence[float] = tuple(_RECIPE_DEFAULTS["contrastive_mask_ratios"].default_factory()),
-    audio_contrastive_masking: AudioMasking = "tf",
+    audio_contrastive_masking: AudioMasking = _RECIPE_DEFAULTS["audio_contrastive_masking"].default,
     mae_mask_ratio: float = _RECIPE_DEFAULTS["mae_mask_ratio"].default,
     temperature: float = _RECIPE_DEFAULTS["temperature"].default,
     stop_gradient_before_fusion: bool = _RECIPE_DEFAULTS["stop_gradient_before_fusion"].default,
     use_mae: bool = True,
-    contrastive_weight: float = 1.0,
-    norm_pix_loss: bool = False,
+    contrastive_weight: float = _RECIPE_DEFAULTS["contrastive_weight"].default,
+    norm_pix_loss: bool = _RECIPE_DEFAULTS["norm_pix_loss"].default,
     init_weights: str | Path | None = None,
 ) -> AudioVisualPretrainingModel:
     """The pretraining model (contrastive + MAE) of ``size``.

@@ -20,10 +20,10 @@ import torch
 from timm.layers import LayerNorm, trunc_normal_
 from torch import nn
 
+from avsiam.config.schema import FinetuneMode
 from avsiam.model.encoder import AudioVisualEncoder
 
 Head = Literal["multimodal", "audio", "visual"]
-FinetuneMode = Literal["mixed", "multimodal", "audio", "visual"]
 MODE_HEADS: dict[str, tuple[Head, ...]] = {
     "mixed": ("multimodal", "audio", "visual"),
     "multimodal": ("multimodal",),
@@ -73,8 +73,8 @@ class AudioVisualClassifier(nn.Module):
         encoder: AudioVisualEncoder,
         fusion: nn.Module | None,
         num_classes: int,
-        mode: FinetuneMode = "mixed",
-        head_norm_eps: float = 1e-6,
+        mode: FinetuneMode,
+        head_norm_eps: float,
     ) -> None:
         """``fusion`` is needed by (and only kept for) the modes with a multimodal head."""
         super().__init__()

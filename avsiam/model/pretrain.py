@@ -19,11 +19,11 @@ temperature), as published. CAV-MAE-style configurations (Table 3) only change t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
+from avsiam.config.schema import AudioMasking
 from avsiam.model.contrastive import gather_with_grad, info_nce
 from avsiam.model.encoder import AudioVisualEncoder
 from avsiam.model.mae import MaeDecoder, masked_patch_mse, patchify, patchify_audio
@@ -37,8 +37,6 @@ from avsiam.model.masking import (
     uniform_noise,
 )
 
-AudioMasking = Literal["tf", "unstructured"]
-
 
 class AudioVisualPretrainingModel(nn.Module):
     """Encoder + (fusion layers + MAE decoder); ``forward`` returns the summed loss."""
@@ -49,24 +47,20 @@ class AudioVisualPretrainingModel(nn.Module):
         fusion: nn.Module | None,
         decoder: MaeDecoder | None,
         *,
-        contrastive_mask_ratios: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
-        audio_contrastive_masking: AudioMasking = "tf",
-        mae_mask_ratio: float = 0.75,
-        temperature: float = 0.05,
-        stop_gradient_before_fusion: bool = True,
-        contrastive_weight: float = 1.0,
-        norm_pix_loss: bool = False,
+        contrastive_mask_ratios: Sequence[float],
+        audio_contrastive_masking: AudioMasking,
+        mae_mask_ratio: float,
+        temperature: float,
+        stop_gradient_before_fusion: bool,
+        contrastive_weight: float,
+        norm_pix_loss: bool,
     ) -> None:
-        """``fusion`` and ``decoder`` together are the MAE branch: both None for contrastive only."""
+        """``fusion`` and ``decoder`` together are the MAE branch: both None for contrastive only.
+        The objective's options are the recipe's (``RecipeConfig`` defines and validates them;
+        ``avsiam.model.builders`` passes them)."""
         super().__init__()
         if (fusion is None) != (decoder is None):
             raise ValueError("the MAE branch needs both the fusion layers and the decoder, or neither")
-        if not contrastive_mask_ratios or any(not 0 <= r < 1 for r in contrastive_mask_ratios):
-            raise ValueError(f"contrastive_mask_ratios must be non-empty, in [0, 1); got {contrastive_mask_ratios}")
-        if audio_contrastive_masking not in ("tf", "unstructured"):
-            raise ValueError(f"audio_contrastive_masking must be tf or unstructured; got {audio_contrastive_masking!r}")
-        if not 0 < mae_mask_ratio < 1:
-            raise ValueError(f"mae_mask_ratio must be in (0, 1), got {mae_mask_ratio}")
         self.encoder = encoder
         self.fusion = fusion
         self.decoder = decoder
