@@ -185,6 +185,20 @@ def test_kubernetes_manifest_keeps_every_value_intact():
     assert manifest["spec"]["trainer"]["env"] == [{"name": "WEIRD", "value": "x'y\"z: {a: [1]}\nnext"}]
 
 
+@pytest.mark.parametrize("api", ["trainjob", "pytorchjob"])
+def test_kubernetes_jobs_take_credentials_from_a_secret_never_from_values(api):
+    spec = LaunchSpec.create(HUGE_PRETRAIN, env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    text = KubernetesBackend(k8s_api=api, job_name="avsiam-test", credentials_secret="avsiam-credentials").render(spec)
+    manifest = yaml.safe_load(text)
+    env = (manifest["spec"]["trainer"]["env"] if api == "trainjob"
+           else manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"])
+    assert env[0] == {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env[1:]}
+    assert set(refs) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
+    assert all(r == {"name": "avsiam-credentials", "key": k, "optional": True} for k, r in refs.items())
+
+
 def test_hostfile_argv_is_a_list_and_its_rendering_round_trips():
     spec = LaunchSpec.create(NASTY, nodes=2)
     backend = HostfileBackend(hostfile=Path("/shared/hosts file"))

@@ -70,6 +70,9 @@ def _backend_options(p: argparse.ArgumentParser) -> None:
                    help="shared volume to mount (repeatable; default avsiam-cache:/data and avsiam-runs:/runs)")
     g.add_argument("--cpu", help="CPU request per node, e.g. 64")
     g.add_argument("--memory", help="memory request per node, e.g. 480Gi")
+    g.add_argument("--credentials-secret", metavar="SECRET",
+                   help="a Secret in the namespace whose keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+                        "MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN (any of them) become the job's environment")
 
     g = p.add_argument_group("slurm and kubernetes backends")
     g.add_argument("--job-name", help="default: derived from the run folder (stable, so a retry finds the job)")
@@ -79,7 +82,7 @@ def _backend_options(p: argparse.ArgumentParser) -> None:
 BACKEND_OPTIONS = (
     "launcher", "master_port", "hostfile", "no_ssh", "node_rank", "master_addr", "partition", "account", "time_limit",
     "env_file", "cpus_per_task", "torchrun", "template", "k8s_api", "namespace", "image", "runtime", "queue", "pvc",
-    "cpu", "memory", "job_name", "poll_interval_s",
+    "cpu", "memory", "credentials_secret", "job_name", "poll_interval_s",
 )
 
 

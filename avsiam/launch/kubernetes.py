@@ -44,6 +44,10 @@ TORCHRUN = ("torchrun", "--module", ENTRY_MODULE)
 LABELS = {"app.kubernetes.io/name": "avsiam", "app.kubernetes.io/component": "training"}
 # Conditions that end a job: TrainJob reports Complete/Failed, PyTorchJob Succeeded/Failed.
 FINAL_CONDITIONS = {"Complete": 0, "Succeeded": 0, "Failed": 1}
+# What a job reads from its credentials Secret, each key optional: S3 access for the shards and
+# checkpoints, MLflow's login. Never written into a manifest.
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                   "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -81,6 +85,7 @@ class KubernetesBackend:
     pvc: Mapping[str, str] = field(default_factory=_default_volumes)  # claim -> mount path (shared, RWX)
     cpu: str | None = None  # requests per node, e.g. "64"
     memory: str | None = None  # requests per node, e.g. "480Gi"
+    credentials_secret: str | None = None  # a Secret holding CREDENTIAL_KEYS (any of them)
     poll_interval_s: float = 30.0
     runner: CommandRunner = field(default_factory=SubprocessRunner)
 
@@ -102,6 +107,12 @@ class KubernetesBackend:
         return [*({"name": claim, "mountPath": path} for claim, path in self.pvc.items()),
                 {"name": "dshm", "mountPath": "/dev/shm"}]
 
+    def _env(self, spec: LaunchSpec) -> list[dict[str, Any]]:
+        """The spec's variables, then the credentials as references to the Secret."""
+        secret = [{"name": key, "valueFrom": {"secretKeyRef": {"name": self.credentials_secret, "key": key, "optional": True}}}
+                  for key in CREDENTIAL_KEYS] if self.credentials_secret else []
+        return [*({"name": k, "value": v} for k, v in spec.env.items()), *secret]
+
     def _resources(self, spec: LaunchSpec) -> dict[str, Any]:
         requests = {k: v for k, v in (("cpu", self.cpu), ("memory", self.memory)) if v}
         return {"limits": {"nvidia.com/gpu": spec.gpus_per_node},
@@ -117,7 +128,7 @@ class KubernetesBackend:
                 "runtimeRef": {"name": self.runtime, "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime"},
                 "trainer": {
                     "image": self.image, "command": list(TORCHRUN), "args": list(spec.entry_args),
-                    "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+                    "env": self._env(spec),
                     "numNodes": spec.nodes, "numProcPerNode": spec.gpus_per_node, "resourcesPerNode": self._resources(spec),
                 },
                 "podTemplateOverrides": [{
@@ -131,7 +142,7 @@ class KubernetesBackend:
         container = {
             "name": "pytorch",  # the operator looks for this container name
             "image": self.image, "command": list(TORCHRUN), "args": list(spec.entry_args),
-            "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+            "env": self._env(spec),
             "resources": self._resources(spec), "volumeMounts": self._mounts(),
         }
         # Never restart one pod alone: it cannot rejoin a static rendezvous. A retry of the
