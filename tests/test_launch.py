@@ -241,9 +241,14 @@ def test_backend_options_given_as_text_take_their_field_types():
 def test_local_backend_runs_deepspeed_or_torchrun_on_this_node(capsys):
     assert avsiam_launch("--backend", "local", "--gpus-per-node", "2", "--master-port", "29911", "--dry-run", "--",
                          *HUGE_PRETRAIN) == 0
-    assert shlex.split(capsys.readouterr().out) == [f"{VENV_BIN}/deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                                                    "--master_port", "29911", "--no_local_rank", "--module", "avsiam.cli.main",
-                                                    *HUGE_PRETRAIN]
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[:5] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch", argv[4]]
+    assert argv[5:] == ["--master_addr=127.0.0.1", "--master_port=29911", "--no_local_rank", "--module", "avsiam.cli.main",
+                        *HUGE_PRETRAIN]
+    # --world_info (this host's devices) exactly as the `deepspeed` command encodes it for its launcher.
+    from deepspeed.launcher.runner import encode_world_info
+
+    assert argv[4] == f"--world_info={encode_world_info({'localhost': [0, 1]})}"
     spec = LaunchSpec.create(HUGE_PRETRAIN, gpus_per_node=2)
     assert LocalBackend(launcher="torchrun", master_port=29912).command(spec) == [
         f"{VENV_BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29912",

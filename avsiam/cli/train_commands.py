@@ -80,7 +80,7 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from avsiam.launch.distributed import barrier, shutdown_distributed
+    from avsiam.launch.distributed import barrier, exit_finished_process, shutdown_distributed
     from avsiam.train.divergence import DIVERGED_EXIT_STATUS, TrainingDiverged
     from avsiam.train.trainer import train, write_config
 
@@ -114,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(summary.model_dump_json(indent=1, exclude={"history"}))
-    return 0
+    exit_finished_process()
 
 
 def _evaluated_recipe(args: argparse.Namespace):
@@ -139,7 +139,7 @@ def _evaluated_recipe(args: argparse.Namespace):
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from avsiam.eval.evaluate import evaluate
-    from avsiam.launch.distributed import shutdown_distributed
+    from avsiam.launch.distributed import exit_finished_process, shutdown_distributed
 
     check_run_folder(args.output)
     recipe = _evaluated_recipe(args)
@@ -147,5 +147,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
     shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(results.model_dump_json(indent=1, exclude_none=True))
-    return 0
+    exit_finished_process()
 

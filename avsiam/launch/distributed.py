@@ -3,11 +3,15 @@ torchrun, or an external launcher (Slurm, Kubernetes) that sets RANK/WORLD_SIZE/
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -120,6 +124,19 @@ def broadcast_object(obj):
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def exit_finished_process() -> NoReturn:
+    """End a process whose command finished (files written and closed, tracking run ended,
+    process group left) without the interpreter's teardown of torch, DeepSpeed and gloo:
+    2.3 s per rank here, paid by every training and evaluation stage before its launcher sees
+    it exit. Logs and standard streams are flushed first; objects still waiting for collection
+    (DataLoader workers among them) are collected."""
+    gc.collect()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shutdown_distributed() -> None:

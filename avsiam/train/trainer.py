@@ -152,6 +152,7 @@ class Trainer:
         try:
             self.log_run_inputs()
             self.engine.train()
+            batches = None
             while state.epoch <= recipe.epochs and state.global_step < self.total_steps:
                 self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * self.clips_per_step)
                 batches, timer = iter(self.loader), StepTimer()
@@ -163,6 +164,8 @@ class Trainer:
                 if state.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps inside the epoch
                     break
                 self.end_epoch()
+            # The last references to the loaders' persistent workers: they stop here, not at exit.
+            batches = self.loader = self.val_loader = None
             return self.finish()
         except BaseException as exc:
             # The run's end, whatever ended it: a divergence, a bug, a lost rank (Ctrl-C: KILLED).
