@@ -25,10 +25,19 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from avsiam.tracking import Tracker, redact_credentials
-from avsiam.tracking.mlflow_tracker import SPOOL_NAME, Spool, SyncError, apply_http_budget, spooled_folders, sync_spools
+from avsiam.tracking.mlflow_tracker import (
+    SPOOL_NAME,
+    Spool,
+    SyncError,
+    apply_http_budget,
+    end_running_runs,
+    spooled_folders,
+    sync_spools,
+)
 
 EXPERIMENT = "avsiam"
 FLOW_RUNS_DIR = "flow-runs"
+FLOW_RUN_TAG = "prefect.flow_run_id"  # of a flow run's parent run
 
 
 def ensure_tracking_uri(output_dir: Path) -> str:
@@ -61,7 +70,7 @@ def parent_run(output_dir: Path, flow_run_id: str, tags: Mapping[str, str]) -> T
     """The flow run's parent run (re-opened on a retry of the same flow run)."""
     name = f"avsiam-{tags.get('avsiam.profile', '')}-{flow_run_id[:8]}"
     return Tracker.start(output_dir / FLOW_RUNS_DIR / flow_run_id, experiment=EXPERIMENT, run_name=name,
-                         tags={"prefect.flow_run_id": flow_run_id, **tags}, run_id_from_env=False)
+                         tags={FLOW_RUN_TAG: flow_run_id, **tags}, run_id_from_env=False)
 
 
 def stage_run(stage_dir: Path, parent_dir: str | None, stage: str, tags: Mapping[str, str], run_id: str | None = None) -> Tracker:
@@ -76,7 +85,8 @@ def end_runs_of_flow_run(flow_run_id: str, output_dir: str | None, status: str) 
     """End the MLflow runs of flow run ``flow_run_id`` that are still RUNNING (its parent run
     and its stages' runs) with ``status``; returns their ids. The flow's ``on_crashed`` and
     ``on_cancellation`` hooks call it: they run in the worker's process after the flow's own
-    process was killed (cancelled, crashed, lost its infrastructure), which could not end them.
+    process was killed (cancelled, crashed, lost its infrastructure), which could not end them;
+    ``on_failure`` too, for runs a failing flow left behind.
     The store is the worker's ``MLFLOW_TRACKING_URI``, else the local store the flow would have
     created in ``output_dir``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -85,21 +95,7 @@ def end_runs_of_flow_run(flow_run_id: str, output_dir: str | None, status: str) 
         if not store.exists():
             return []
         uri = f"sqlite:///{store}"
-    apply_http_budget()
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return []
-    ids = [experiment.experiment_id]
-    parents = client.search_runs(ids, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    children = [run for parent in parents for run in
-                client.search_runs(ids, filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]
-    ended = []
-    for run in [*children, *parents]:
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status)
-            ended.append(run.info.run_id)
-    return ended
+    return end_running_runs(uri, EXPERIMENT, FLOW_RUN_TAG, flow_run_id, status)
 
 
 def sync_earlier_spools(output_dir: Path, log) -> None:

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from avsiam.config import RECIPES, SIZES, ConfigError, resolve_recipe
 from avsiam.config.presets import format_validation_error
+from avsiam.launch.backends import BackendName
 
 PROFILES_PATH = Path(__file__).with_name("profiles.yaml")
 StageName = Literal["stage_data", "pretrain", "finetune", "evaluate", "gate"]
-STAGES: tuple[str, ...] = ("stage_data", "pretrain", "finetune", "evaluate")
 
 
 class Strict(BaseModel):
@@ -61,7 +61,7 @@ class DatasetSource(Strict):
 class LauncherSettings(Strict):
     """How training stages run: ``local`` ranks on this machine (``nproc``), or a cluster backend."""
 
-    backend: Literal["local", "hostfile", "slurm", "kubernetes"] = "local"
+    backend: BackendName = "local"
     nproc: int = Field(default=2, ge=1)
     nodes: int = Field(default=1, ge=1)
     gpus_per_node: int = Field(default=8, ge=1)

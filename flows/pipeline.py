@@ -50,10 +50,11 @@ def _result_storage(out: Path, results_store: str | None):
     """Where stage results (the cache records) persist: ``results_store`` (an s3:// prefix, read
     with the environment's AWS credentials, which are never stored in the block) or, by
     default, ``output_dir/.prefect-results``. Prefect needs the block saved server-side."""
-    import hashlib
     import os
 
-    name = "avsiam-results-" + hashlib.sha256(str(results_store or out).encode()).hexdigest()[:12]
+    from avsiam.storage.digest import data_digest
+
+    name = "avsiam-results-" + data_digest(str(results_store or out))[:12]
     if results_store:
         from prefect_aws import AwsCredentials, S3Bucket
         from prefect_aws.client_parameters import AwsClientParameters
@@ -106,7 +107,8 @@ def _end_tracking(status: str):
     return hook
 
 
-@flow(name="avsiam", log_prints=True, on_crashed=[_end_tracking("FAILED")], on_cancellation=[_end_tracking("KILLED")])
+@flow(name="avsiam", log_prints=True, on_failure=[_end_tracking("FAILED")], on_crashed=[_end_tracking("FAILED")],
+      on_cancellation=[_end_tracking("KILLED")])
 def avsiam_pipeline(
     profile: str = "demo",
     output_dir: str = "avsiam_runs",

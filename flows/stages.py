@@ -11,7 +11,6 @@ checkpoint and its MLflow run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import BaseModel
 
 from avsiam import __version__
 from avsiam.eval.report import RESULTS_NAME, EvaluationResults
-from avsiam.storage.digest import file_digest
+from avsiam.storage.digest import data_digest, file_digest
 from avsiam.tracking import registry
 from avsiam.tracking.registry import MODEL_ARTIFACT_PATH, GateDecision
 from avsiam.train.divergence import DIVERGED_EXIT_STATUS
@@ -66,7 +65,7 @@ class EvalManifest(BaseModel):
 def stage_key(stage: str, payload: Any) -> str:
     """Digest of (stage, its resolved inputs, project version): the stage's cache key."""
     blob = json.dumps({"stage": stage, "version": __version__, "payload": payload}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return data_digest(blob)
 
 
 def _key_from_parameters(_context, parameters: dict[str, Any]) -> str:
@@ -80,18 +79,19 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOI
                  "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
-def _launch(entry: list[str], launcher: LauncherSettings | None, log_line) -> int:
-    """Run ``avsiam <entry>`` through :func:`avsiam.launch.backends.launch`: on the stage's
-    launcher, or (``None``) as one process here; supervised as one process group, killed as a
-    whole on cancellation or at the wall-clock limit."""
+def _launch(entry: list[str], out: Path, launcher: LauncherSettings | None, log_line) -> int:
+    """Run ``avsiam <entry>`` (writing into the run folder ``out``) through
+    :func:`avsiam.launch.backends.launch`: on the stage's launcher, or (``None``) as one process
+    here; supervised as one process group, killed as a whole on cancellation or at the
+    wall-clock limit."""
     from avsiam.launch.backends import launch
 
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if launcher is None:
-        return launch("local", entry, env=env, log_line=log_line, launcher="python")
+        return launch("local", entry, output_dir=out, env=env, log_line=log_line, launcher="python")
     local = launcher.backend == "local"
     return launch(launcher.backend, entry, nodes=launcher.nodes, gpus_per_node=launcher.nproc if local else launcher.gpus_per_node,
-                  env=env, log_line=log_line, wall_clock_limit_s=launcher.wall_clock_limit_s, **launcher.options)
+                  output_dir=out, env=env, log_line=log_line, wall_clock_limit_s=launcher.wall_clock_limit_s, **launcher.options)
 
 
 @task(name="stage_data", cache_key_fn=_key_from_parameters, persist_result=True)
@@ -185,12 +185,13 @@ def train_stage(
     log = get_run_logger()
     out = Path(run_dir)
     tags = {"avsiam.recipe": recipe, "avsiam.model": model, "avsiam.dataset_digest": data.dataset_digest}
-    run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # the run the training process finds in its folder
     entry = ["train", stage, "--model", model, "--recipe", recipe, "--data", data.location, "--output", str(out),
              *(["--init", init.weights_path] if init else []), *(["--variant", variant] if variant else []), *overrides]
-    try:
-        code = _launch(entry, launcher, log.info)
-        run = mlflow_runs.stage_run(out, parent_dir, stage, tags)  # re-read: the training process may have created it
+    # Opened before the launch, so the training process finds the run in its folder and logs to
+    # it; ended FAILED (KILLED on a cancel) by any exception below.
+    with mlflow_runs.stage_run(out, parent_dir, stage, tags) as run:
+        code = _launch(entry, out, launcher, log.info)
+        run.reload_folder()  # the training process may have created the run (its creation was spooled here)
         if code == DIVERGED_EXIT_STATUS:
             raise RuntimeError(f"{stage} ({recipe}) diverged (the log above names the step); resuming would diverge again: "
                                "change the recipe (e.g. a lower lr override) and run the flow again")
@@ -216,10 +217,6 @@ def train_stage(
             run.log_artifact(save_clip_model(out, out / "mlflow_model", data.example_video), artifact_path=MODEL_ARTIFACT_PATH)
         else:
             run.log_artifact(weights, artifact_path=MODEL_ARTIFACT_PATH)
-    except BaseException as exc:
-        run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    run.finish()
     return TrainManifest(stage=stage, recipe=recipe, run_dir=str(out), weights_path=str(weights),
                          weights_digest=file_digest(weights), checkpoint_uri=checkpoint_uri, gpu_hours=summary.gpu_hours,
                          final_validation={k: v for k, v in (summary.final_validation or {}).items() if isinstance(v, (int, float))},
@@ -243,7 +240,7 @@ def register_stage(finetuned: TrainManifest, name: str, dataset_digest: str, flo
         raise RuntimeError(f"finetuning run {finetuned.mlflow_run_id} ({finetuned.run_dir}) has no MLflow model under "
                            f"'{MODEL_ARTIFACT_PATH}' (an earlier avsiam logged only its weights): run the flow with "
                            "force=['finetune'] to log and register it")
-    tags = {"avsiam.dataset_digest": dataset_digest, "gpu_hours": f"{finetuned.gpu_hours:.6f}", "prefect.flow_run_id": flow_run_id}
+    tags = {"avsiam.dataset_digest": dataset_digest, "gpu_hours": f"{finetuned.gpu_hours:.6f}", mlflow_runs.FLOW_RUN_TAG: flow_run_id}
     version = registry.register_version(client, name, finetuned.mlflow_run_id, tags)
     log.info("registered %s version %s (alias %s)", name, version, registry.CHALLENGER)
     return version
@@ -264,7 +261,7 @@ def evaluate_stage(
              "--output", str(out), *(["--variant", variant] if variant else []), *arch_overrides]
     with mlflow_runs.stage_run(out, parent_dir, "evaluate", {"avsiam.recipe": recipe, "avsiam.model": model,
                                                              "avsiam.dataset_digest": data.dataset_digest}) as run:
-        code = _launch(entry, None, log.info)
+        code = _launch(entry, out, None, log.info)
         if code != 0:
             raise RuntimeError(f"evaluate ({recipe}) exited with code {code}")
         results = EvaluationResults.read(out)
@@ -316,7 +313,7 @@ def _champion_score(name: str, version: str, data: DataManifest, metric: str, ou
     scored = out / f"champion-v{version}-evaluation"
     entry = ["evaluate", "--config", str(artifacts / "config.yaml"), "--weights", str(artifacts / "weights.safetensors"),
              "--data", data.location, "--output", str(scored)]
-    code = _launch(entry, None, log.info)
+    code = _launch(entry, scored, None, log.info)
     if code != 0:
         raise RuntimeError(f"scoring the champion ({name} version {version}) on the test split exited with code {code}")
     results = EvaluationResults.read(scored)

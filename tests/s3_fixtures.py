@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from avsiam.launch.local import free_port
+
 SERVER_ENV = {
     # AWS's 5 MiB floor on non-final parts would refuse MLflow's proxied multipart with KB chunks;
     # boto3 itself never sends a part under 5 MiB, so the floor tests nothing of ours.
@@ -33,12 +34,6 @@ SERVER_ENV = {
     "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(16 << 20),
 }
 _STARTUP_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _post(url: str, body: bytes = b"") -> None:
@@ -64,7 +59,7 @@ def _wait_until_ready(url: str, proc: subprocess.Popen, log_path: Path) -> None:
 def moto_server(tmp_path_factory) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a moto server (S3, IAM, ...) running for the whole session."""
     log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     # moto's request recorder (off until a test starts it: see recorded_requests) writes here.
     recording = log_path.with_name("recording.jsonl")
     with log_path.open("wb") as log:

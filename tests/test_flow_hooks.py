@@ -42,6 +42,7 @@ crashing(sys.argv[1])
 
 
 def test_the_pipeline_declares_hooks_for_crashes_and_cancellations():
+    assert [h.__name__ for h in avsiam_pipeline.on_failure_hooks] == ["end_mlflow_runs_failed"]
     assert [h.__name__ for h in avsiam_pipeline.on_crashed_hooks] == ["end_mlflow_runs_failed"]
     assert [h.__name__ for h in avsiam_pipeline.on_cancellation_hooks] == ["end_mlflow_runs_killed"]
 

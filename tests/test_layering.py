@@ -11,13 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # orchestrates the library; the command line sits on top of everything.
 LAYERS = {
     "config": 0,
-    "storage": 1, "tracking": 1, "launch": 1,
-    "data": 2, "model": 2, "synthetic": 2,
-    "eval": 3,
-    "train": 4,
-    "plan": 5,
-    "flows": 6,
-    "cli": 7,
+    "storage": 1,
+    "tracking": 2, "launch": 2,
+    "data": 3, "model": 3, "synthetic": 3,
+    "eval": 4,
+    "train": 5,
+    "plan": 6,
+    "flows": 7,
+    "cli": 8,
 }
 
 

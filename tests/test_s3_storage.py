@@ -288,3 +288,7 @@ def test_file_digest_reads_in_blocks_what_hashlib_and_zlib_compute_whole(tmp_pat
     assert digest.file_digest(path) == hashlib.sha256(data).hexdigest()
     assert digest.file_digest(path, "md5") == hashlib.md5(data).hexdigest()
     assert digest.file_digest(path, "crc32") == f"{zlib.crc32(data):08x}"
+    # The same digests of bytes in memory; a str is hashed as its UTF-8 bytes.
+    assert [digest.data_digest(data, a) for a in ("sha256", "md5", "crc32")] == [
+        digest.file_digest(path, a) for a in ("sha256", "md5", "crc32")]
+    assert digest.data_digest("clé") == hashlib.sha256("clé".encode()).hexdigest()

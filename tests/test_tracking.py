@@ -399,6 +399,33 @@ def test_only_rank_zero_tracks(dead_server_uri: str, tmp_path: Path, monkeypatch
     assert isinstance(make_tracker(0, tmp_path / "rank0"), Tracker)
 
 
+def test_a_run_another_process_of_the_folder_created_from_the_spool_is_taken_up(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow opens a stage's run while MLflow refuses it (its creation spooled in the stage
+    folder); the training process it launches creates the run once MLflow accepts records; the
+    flow's tracker then logs to that run instead of waiting for one it will never create."""
+    client = MlflowClient(mlflow_server)
+    experiment = unique_experiment()
+    experiment_id = client.create_experiment(experiment)
+    client.delete_experiment(experiment_id)  # runs cannot be created: the flow's tracker spools
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    flow_side = Tracker.start(tmp_path, experiment=experiment, run_name="pretrain", run_id_from_env=False)
+    assert flow_side.run_id is None and (tmp_path / SPOOL_NAME).exists()
+    client.restore_experiment(experiment_id)
+    with Tracker.start(tmp_path, experiment=experiment) as training:  # the launched process
+        training.log_metrics({"loss": 1.0}, step=0)
+    assert training.run_id is not None and not (tmp_path / SPOOL_NAME).exists()
+
+    flow_side.reload_folder()
+    flow_side.set_tags({"avsiam.weights_file": "weights.safetensors"})
+    flow_side.finish()
+    [run] = client.search_runs([experiment_id])
+    assert run.info.run_id == training.run_id == flow_side.run_id and run.info.run_name == "pretrain"
+    assert run.data.tags["avsiam.weights_file"] == "weights.safetensors" and run.info.status == "FINISHED"
+    assert not (tmp_path / SPOOL_NAME).exists()
+
+
 # --- outages that end -----------------------------------------------------------------------------
 
 

@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         entry = ["train", args.stage, "--model", args.model, "--recipe", args.recipe, "--data", str(args.data),
                  "--output", str(args.output), *(["--init", str(args.init)] if args.init else []),
                  *(["--variant", args.variant] if args.variant else []), *args.overrides]
-        return launch("local", entry, gpus_per_node=args.nproc)
+        return launch("local", entry, gpus_per_node=args.nproc, output_dir=args.output)
     try:
         summary = train(recipe, args.data, args.output, init_weights=args.init)
     except TrainingDiverged as exc:

@@ -22,6 +22,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 FinetuneMode = Literal["mixed", "multimodal", "audio", "visual"]
 EncoderKind = Literal["siamese", "separate"]
 AudioMasking = Literal["tf", "unstructured"]  # contrastive passes: whole time frames / frequency bands, or single patches
+AudioPosInit = Literal["bicubic", "nearest_1d"]  # from a timm ViT: 2-D resize of the visual grid, or the published 1-D stretch
+FusionInit = Literal["last_blocks", "last_block"]  # from a timm ViT: the last blocks, or the published last block in every layer
 
 
 class StrictModel(BaseModel):
@@ -61,10 +63,10 @@ class ArchConfig(StrictModel):
     input_doubling: bool = False
     # Audio position table when initialising from a timm ViT: a bicubic 2-D resize of the visual
     # grid, or the published nearest-neighbour 1-D stretch (for parity with released weights).
-    audio_pos_init: Literal["bicubic", "nearest_1d"] = "bicubic"
+    audio_pos_init: AudioPosInit = "bicubic"
     # Fusion layers when initialising from a timm ViT: copies of the last fusion_depth blocks,
     # or the published pretraining's copies of the last block into every fusion layer.
-    fusion_init: Literal["last_blocks", "last_block"] = "last_blocks"
+    fusion_init: FusionInit = "last_blocks"
     # eps of the LayerNorms in the blocks, fusion layers and heads: timm's 1e-6, or the
     # published code's 1e-5 (torch's nn.LayerNorm default there; its final norms are timm's).
     block_norm_eps: float = Field(default=1e-6, gt=0, lt=1)

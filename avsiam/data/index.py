@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 
 from avsiam.data.formats import SPLITS, ClassIndex, FormatError
 from avsiam.data.shards import Sample, ShardError, ShardReader, parse_sample
+from avsiam.storage.digest import data_digest, file_digest
 from avsiam.storage.store import MissingFileError, Store, open_store
 
 INDEX_FORMAT = "avsiam-dataset"
@@ -226,7 +227,7 @@ def write_index(store: Store, classes: ClassIndex, multi_label: bool, shards: tu
     table_bytes = clips.write()
     table_name = f"clips-{index.dataset_digest[:16]}.arrow"
     store.write_bytes(table_name, table_bytes)
-    document = index.to_json(table_name, hashlib.sha256(table_bytes).hexdigest())
+    document = index.to_json(table_name, data_digest(table_bytes))
     store.write_bytes(INDEX_NAME, (json.dumps(document, indent=1) + "\n").encode())
     return index
 
@@ -266,8 +267,7 @@ def load_index(location: str | Path) -> DatasetIndex:
         raise FormatError(f"{where}: malformed index: {exc!r}") from None
     try:
         table_path = store.local_path(table_name)
-        with open(table_path, "rb") as fh:
-            table_digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        table_digest = file_digest(table_path)
     except (MissingFileError, FileNotFoundError):
         raise FormatError(f"{where}: its clip table {store.uri(table_name)} is missing; stage the dataset again") from None
     if table_digest != table_sha256:

@@ -21,7 +21,6 @@ the clip, never a silently wrong tensor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
@@ -36,6 +35,7 @@ import webdataset
 
 from avsiam.data.errors import DecodeError
 from avsiam.data.video import NUM_FRAMES
+from avsiam.storage.digest import file_digest
 
 AUDIO_MEMBER = "wav"
 FRAME_MEMBERS = tuple(f"{i}.jpg" for i in range(NUM_FRAMES))
@@ -82,9 +82,7 @@ def write_shard(path: Path, samples: Iterable[tuple[Mapping[str, bytes], Mapping
             writer.write({"__key__": sample_key(meta["id"]), **{name: media[name] for name in MEDIA_MEMBERS}, META_MEMBER: document})
         writer.close()
     ranges = tuple((offset, size) for _key, offset, size in scan_shard(path))
-    with path.open("rb") as fh:
-        sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
-    return WrittenShard(path, path.stat().st_size, sha256, ranges)
+    return WrittenShard(path, path.stat().st_size, file_digest(path), ranges)
 
 
 def scan_shard(path: Path) -> Iterator[tuple[str, int, int]]:

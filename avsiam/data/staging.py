@@ -80,6 +80,7 @@ from avsiam.data.sampler import mix_seed
 from avsiam.data.shards import MEDIA_MEMBERS, ShardError, parse_sample, write_shard
 from avsiam.data.video import NUM_FRAMES, load_frame, resize_and_crop
 from avsiam.storage import s3
+from avsiam.storage.digest import data_digest
 from avsiam.storage.store import MissingFileError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class ShardSpec:
         clips = [[c.id, c.split, list(c.labels), c.identity] for c in self.clips]
         doc = {"format": STAGING_FORMAT, "screen": [self.screen.silence_threshold_dbfs, self.screen.silent_audio],
                "clips": clips}
-        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
+        return data_digest(json.dumps(doc))
 
     @property
     def name(self) -> str:

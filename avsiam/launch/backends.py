@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from avsiam.launch.hostfile import HostfileBackend
 from avsiam.launch.kubernetes import KubernetesBackend
@@ -72,7 +72,8 @@ class LocalBackend:
                               wall_clock_limit_s=wall_clock_limit_s)
 
 
-BACKENDS: dict[str, type] = {
+BackendName = Literal["local", "hostfile", "slurm", "kubernetes"]
+BACKENDS: dict[BackendName, type] = {
     "local": LocalBackend, "hostfile": HostfileBackend, "slurm": SlurmBackend, "kubernetes": KubernetesBackend,
 }
 
@@ -125,8 +126,9 @@ def launch(
 ) -> int:
     """Run ``avsiam <entry_args>`` through ``backend`` and return its exit code.
 
-    ``output_dir`` defaults to the ``--output`` of ``entry_args``; the cluster backends keep
-    their state there (the Slurm job id) and derive the job name from it. With ``dry_run``
+    ``output_dir`` is the run folder: the cluster backends keep their state there (the Slurm job
+    id) and derive the job name from it. Callers that know it pass it; for ``avsiam launch``,
+    where a user gives only the avsiam arguments, it defaults to their ``--output``. With ``dry_run``
     the argv, sbatch script or manifest goes to ``log_line``, line by line, and nothing runs.
     """
     spec = LaunchSpec.create(entry_args, nodes=nodes, gpus_per_node=gpus_per_node, output_dir=output_dir, env=env)

@@ -3,13 +3,14 @@ environment variables, writing into one run folder."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from avsiam.storage.digest import data_digest
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -65,10 +66,9 @@ def job_name_for(output_dir: Path) -> str:
     with the same last component apart.
     """
     slug = re.sub(r"[^a-z0-9]+", "-", output_dir.name.lower()).strip("-")[:40] or "run"
-    return f"avsiam-{slug}-{hashlib.sha256(str(output_dir).encode()).hexdigest()[:8]}"
+    return f"avsiam-{slug}-{data_digest(str(output_dir))[:8]}"
 
 
 def digest_of(obj: object) -> str:
     """sha256 of a script or manifest: a re-attached job must run exactly what we would submit."""
-    text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return data_digest(obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True))

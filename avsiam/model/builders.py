@@ -40,7 +40,7 @@ def build_pretrain_model(
     mae_mask_ratio: float = _RECIPE_DEFAULTS["mae_mask_ratio"].default,
     temperature: float = _RECIPE_DEFAULTS["temperature"].default,
     stop_gradient_before_fusion: bool = _RECIPE_DEFAULTS["stop_gradient_before_fusion"].default,
-    use_mae: bool = True,
+    use_mae: bool = _RECIPE_DEFAULTS["use_mae"].default,
     contrastive_weight: float = _RECIPE_DEFAULTS["contrastive_weight"].default,
     norm_pix_loss: bool = _RECIPE_DEFAULTS["norm_pix_loss"].default,
     init_weights: str | Path | None = None,

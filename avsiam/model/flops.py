@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from avsiam.config import ArchConfig
+from avsiam.config import ArchConfig, RecipeConfig
 from avsiam.model.finetune import MIXED_HEAD_PROBABILITIES
 from avsiam.model.masking import num_kept
+
+_RECIPE_DEFAULTS = RecipeConfig.model_fields
 
 TRAIN_FACTOR = 3
 
@@ -84,9 +86,9 @@ def eval_flops(arch: ArchConfig, num_frames: int = 10) -> float:
 
 def flops_summary(
     arch: ArchConfig,
-    contrastive_mask_ratios: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
-    mae_mask_ratio: float = 0.75,
-    stop_gradient: bool = True,
+    contrastive_mask_ratios: Sequence[float] = tuple(_RECIPE_DEFAULTS["contrastive_mask_ratios"].default_factory()),
+    mae_mask_ratio: float = _RECIPE_DEFAULTS["mae_mask_ratio"].default,
+    stop_gradient: bool = _RECIPE_DEFAULTS["stop_gradient_before_fusion"].default,
     num_eval_frames: int = 10,
 ) -> dict[str, float]:
     """FLOPs per sample of every step kind. ``pretrain_train`` is contrastive + MAE (the patch

@@ -20,7 +20,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from avsiam.config import ArchConfig, ConfigError, RecipeConfig
+from avsiam.config.schema import AudioPosInit, FusionInit
 from avsiam.model.encoder import AudioVisualEncoder
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ StateDict = dict[str, torch.Tensor]
 class CheckpointError(ConfigError):
     """A weights file that does not fit the model it is loaded into; the message names the file
     (a ConfigError: the command's inputs disagree, reported without a traceback)."""
-AudioPosInit = Literal["bicubic", "nearest_1d"]
-FusionInit = Literal["last_blocks", "last_block"]
+_ARCH_DEFAULTS = ArchConfig.model_fields
 
 
 @dataclass
@@ -108,7 +107,7 @@ def _split_prefix_tokens(pos_embed: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def audio_positions_from_visual(
-    visual: torch.Tensor, visual_grid: tuple[int, int], audio_grid: tuple[int, int], method: AudioPosInit = "bicubic"
+    visual: torch.Tensor, visual_grid: tuple[int, int], audio_grid: tuple[int, int], method: AudioPosInit = _ARCH_DEFAULTS["audio_pos_init"].default
 ) -> torch.Tensor:
     """The audio position table [1, F * T, D] derived from a visual one [1, H * W, D].
 
@@ -146,8 +145,8 @@ def init_from_timm_vit(
     encoder: AudioVisualEncoder,
     fusion: nn.Sequential | None,
     vit: StateDict | str | Path,
-    audio_pos_init: AudioPosInit = "bicubic",
-    fusion_init: FusionInit = "last_blocks",
+    audio_pos_init: AudioPosInit = _ARCH_DEFAULTS["audio_pos_init"].default,
+    fusion_init: FusionInit = _ARCH_DEFAULTS["fusion_init"].default,
 ) -> LoadReport:
     """Initialise ``encoder`` (and ``fusion``) from a timm ViT of the same width, depth and patch.
 

@@ -17,19 +17,6 @@ from avsiam.plan.memory import BlockRun, head_block_runs, pretraining_block_runs
 TRAIN_CLIPS = {"as2m": 1_772_023, "as20k": 18_691, "vggsound": 183_727}
 NUM_CLASSES = {"as2m": 527, "as20k": 527, "vggsound": 309}
 
-# Where the paper's main table was read: the supplement does not have it.
-SECONDARY_SUMMARY = "a secondary summary of the paper (papernotes ECCV 2024), not checked against arXiv 2403.19638"
-
-# Reported pretraining cost, in V100-hours, by model size.
-PAPER_PRETRAINING_HOURS: dict[str, list[dict[str, object]]] = {
-    "base": [
-        {"gpu_hours": 177, "gpu": "V100", "source": SECONDARY_SUMMARY},
-        {"gpu_hours": 475, "gpu": "V100", "source": "supplement Table 1 (trained from scratch)"},
-    ],
-    "large": [{"gpu_hours": 310, "gpu": "V100", "source": "supplement Table 2"}],
-    "huge": [{"gpu_hours": 800, "gpu": "V100", "source": SECONDARY_SUMMARY}],
-}
-
 
 @dataclass(frozen=True)
 class ParameterCount:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from avsiam.config import ConfigError, RecipeConfig
+from avsiam.config.paper import PAPER_PRETRAINING_HOURS
 from avsiam.plan.compute import (
-    PAPER_PRETRAINING_HOURS,
     TRAIN_CLIPS,
     ParameterCount,
     count_parameters,

@@ -1,5 +1,5 @@
-"""Digests of local files, read in blocks: the integrity checks of transfers and the weights
-digests of the pipeline's manifests."""
+"""The project's digests: of local files, read in blocks (the integrity checks of transfers,
+the weights digests of the pipeline's manifests), and of data in memory (cache keys)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     for block in _blocks(Path(path)):
         digest.update(block)
     return digest.hexdigest()
+
+
+def data_digest(data: str | bytes, algorithm: str = "sha256") -> str:
+    """:func:`file_digest` of bytes held in memory (a str is hashed as UTF-8): an object read
+    whole, cache keys, job names, the digest of a submitted script or manifest."""
+    raw = data.encode() if isinstance(data, str) else data
+    if algorithm == "crc32":
+        return f"{zlib.crc32(raw):08x}"
+    return hashlib.new(algorithm, raw, usedforsecurity=False).hexdigest()
 
 
 def _blocks(path: Path) -> Iterator[bytes]:

@@ -42,7 +42,6 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -59,7 +58,7 @@ from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tqdm import tqdm
 
-from avsiam.storage.digest import file_digest
+from avsiam.storage.digest import data_digest, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ def read_object(uri: str) -> bytes:
     expected = _expected_digest(response)
     if expected is not None:
         algorithm, digest = expected
-        actual = f"{zlib.crc32(data):08x}" if algorithm == "crc32" else hashlib.new(algorithm, data, usedforsecurity=False).hexdigest()
+        actual = data_digest(data, algorithm)
         if actual != digest:
             raise ChecksumMismatchError(f"{uri}: downloaded bytes differ from the object: {algorithm} {actual} != {digest}")
     return data
@@ -240,7 +239,7 @@ def write_object(uri: str, data: bytes) -> None:
     bucket, key = _object_location(uri)
     client = s3_client()
     try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: hashlib.sha256(data).hexdigest()})
+        client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: data_digest(data)})
     except Exception as exc:  # every failure becomes one message naming the URI and the endpoint
         raise StorageError(f"writing {_explain(exc, uri, _endpoint_name(client))}") from None
 

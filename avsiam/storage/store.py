@@ -17,7 +17,6 @@ same staging and training code writes and reads them on a shared filesystem or i
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from avsiam.storage import s3
+from avsiam.storage.digest import data_digest
 
 CACHE_ENV = "AVSIAM_CACHE_DIR"
 
@@ -172,7 +172,7 @@ class S3Store(Store):
         bucket, key = s3.parse_s3_uri(uri)
         # One cache folder per endpoint: two stores (AWS, a MinIO) may hold buckets of one name.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "aws"
-        path = cache_dir() / "s3" / hashlib.sha256(endpoint.encode()).hexdigest()[:12] / bucket / key
+        path = cache_dir() / "s3" / data_digest(endpoint)[:12] / bucket / key
         if path.is_file():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)

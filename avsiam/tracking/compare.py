@@ -29,6 +29,7 @@ from mlflow.entities import Run  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from avsiam.config import RECIPES, SIZES  # noqa: E402
+from avsiam.config.paper import PAPER_SCORES, main_table_v100_hours  # noqa: E402
 from avsiam.tracking.mlflow_tracker import PARENT_RUN_TAG, redact_credentials  # noqa: E402
 
 EXPERIMENT = "avsiam"
@@ -39,16 +40,6 @@ SHORT_RUN_ID = 8
 
 # The dataset each finetuning recipe targets, named as in the paper's tables.
 RECIPE_DATASET = {"finetune_as20k": "AS-20K", "finetune_as2m": "AS-2M", "finetune_vggsound": "VGGSound"}
-
-# The paper's reported results in percent. Their source is a secondary summary of the paper
-# (papernotes' ECCV 2024 note), not verified against arXiv 2403.19638. V100-hours are the paper's training cost of each model, on other GPUs than ours:
-# a reference point, not a number pipeline_gpu_hours must match.
-PAPER_SCORES = {
-    ("base", "finetune_as20k"): 41.6, ("base", "finetune_as2m"): 50.1, ("base", "finetune_vggsound"): 64.9,
-    ("large", "finetune_as20k"): 44.1, ("large", "finetune_as2m"): 52.1, ("large", "finetune_vggsound"): 67.1,
-    ("huge", "finetune_as20k"): 45.0, ("huge", "finetune_as2m"): 54.1, ("huge", "finetune_vggsound"): 68.0,
-}
-PAPER_V100_HOURS = {"base": 177.0, "large": 310.0, "huge": 800.0}
 
 SCORE_KEYS = (("score", "multimodal"), ("audio_only", "audio-only"), ("visual_only", "visual-only"))
 
@@ -153,11 +144,13 @@ def with_paper_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def paper_reference(model: str | None, recipe: str | None) -> dict[str, float | None]:
     """``paper_score`` (a fraction, like the run scores) and ``paper_v100_hours``; both None
-    where the paper reports no such row (the tiny model, recipes of other datasets)."""
+    where the paper reports no such row (the tiny model, recipes of other datasets). The hours
+    are the paper's pretraining cost on V100s: a reference point, not a number our
+    ``pipeline_gpu_hours`` on other GPUs must match."""
     reported = PAPER_SCORES.get((model, recipe))
     if reported is None:
         return {"paper_score": None, "paper_v100_hours": None}
-    return {"paper_score": round(reported / 100, 4), "paper_v100_hours": PAPER_V100_HOURS[model]}
+    return {"paper_score": round(reported / 100, 4), "paper_v100_hours": main_table_v100_hours(model)}
 
 
 def render_table(rows: list[dict[str, Any]]) -> Table:

@@ -357,6 +357,15 @@ class Tracker:
             sender.join()
         self._closing = False
 
+    def reload_folder(self) -> None:
+        """Take up what another process of this folder did to the run meanwhile (the training
+        process a flow launched into a folder whose run it opened): the run id it recorded when
+        it created the run, and the spool as it left it (empty if it delivered the records)."""
+        with self._delivery:
+            self.run_id = self.run_id or recorded_run_id(self.output_dir)
+            self._degraded = self._spool.path.exists()
+            self._next_reconnect = 0.0
+
     def replay_spool(self) -> int:
         """Re-send the spooled records; returns how many MLflow accepted. On a failure the rest
         stays spooled and the tracker stays (or becomes) degraded; never raises."""
@@ -594,6 +603,27 @@ def sync_spool(output_dir: str | Path) -> tuple[int, int]:
     tracker = Tracker(uri, spool=spool, run_id=run_id)
     sent = tracker.replay_spool()
     return sent, len(records) - sent
+
+
+def end_running_runs(tracking_uri: str, experiment: str, tag: str, value: str, status: RunStatus) -> list[str]:
+    """End with ``status`` the runs still RUNNING of ``experiment`` tagged ``tag = value`` and
+    their child runs; returns their ids. For a process that outlives the one that owned the
+    runs (an orchestrator's crash hook): the owner's trackers could not end them."""
+    apply_http_budget()
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    ids = [found.experiment_id]
+    parents = client.search_runs(ids, filter_string=f"tags.`{tag}` = '{value}'")
+    children = [run for parent in parents for run in
+                client.search_runs(ids, filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")]
+    ended = []
+    for run in [*children, *parents]:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+            ended.append(run.info.run_id)
+    return ended
 
 
 def spooled_folders(roots: Iterable[str | Path]) -> list[Path]:

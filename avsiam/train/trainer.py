@@ -134,14 +134,15 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=recipe.batch_size_per_gpu, sampler=self.sampler,
                                  num_workers=recipe.num_workers, drop_last=True, pin_memory=not self.cpu,
                                  persistent_workers=recipe.num_workers > 0)
+        self.metrics_log = (JsonlLog(self.output / "metrics.jsonl", resume_after_step=self.state.global_step if self.resumed else None)
+                            if env.is_main else None)
+        # Opened last: from here on fit() ends the run whatever happens.
         self.tracker = make_tracker(
             env.rank, self.output, run_id=self.state.tracking_run_id,
             run_name=f"{recipe.stage}-{recipe.model}-{recipe.recipe}",
             tags={"avsiam.stage": recipe.stage, "avsiam.recipe": recipe.recipe, "avsiam.model": recipe.model,
                   "avsiam.version": __version__, "avsiam.dataset_digest": index.dataset_digest},
         )
-        self.metrics_log = (JsonlLog(self.output / "metrics.jsonl", resume_after_step=self.state.global_step if self.resumed else None)
-                            if env.is_main else None)
         self.session_started = time.perf_counter()
 
     def fit(self) -> RunSummary:
