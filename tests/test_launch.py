@@ -238,34 +238,108 @@ def test_backend_options_given_as_text_take_their_field_types():
         make_backend("slurm", cpus_per_task="many")
 
 
-def test_local_backend_runs_deepspeed_or_torchrun_on_this_node(capsys):
+def test_local_backend_starts_the_ranks_itself_or_through_deepspeed_or_torchrun(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert avsiam_launch("--backend", "local", "--gpus-per-node", "2", "--master-port", "29911", "--dry-run", "--",
                          *HUGE_PRETRAIN) == 0
-    argv = shlex.split(capsys.readouterr().out)
-    assert argv[:5] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch", argv[4]]
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert [shlex.split(line) for line in capsys.readouterr().out.splitlines()] == [
+        [f"RANK={rank}", f"LOCAL_RANK={rank}", "WORLD_SIZE=2", "LOCAL_WORLD_SIZE=2", "LOCAL_SIZE=2", "MASTER_ADDR=127.0.0.1",
+         "MASTER_PORT=29911", f"OMP_NUM_THREADS={threads}", sys.executable, "-u", "-m", "avsiam.cli.main", *HUGE_PRETRAIN]
+        for rank in (0, 1)]
+    spec = LaunchSpec.create(HUGE_PRETRAIN, gpus_per_node=2, env={"OMP_NUM_THREADS": "6"})
+    assert all("OMP_NUM_THREADS" not in env for _, env in LocalBackend().processes(spec))  # the spec's 6 stays
+    ((argv, extra),) = LocalBackend(launcher="deepspeed", master_port=29911).processes(spec)
+    assert extra == {} and argv[:5] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch", argv[4]]
     assert argv[5:] == ["--master_addr=127.0.0.1", "--master_port=29911", "--no_local_rank", "--module", "avsiam.cli.main",
                         *HUGE_PRETRAIN]
     # --world_info (this host's devices) exactly as the `deepspeed` command encodes it for its launcher.
     from deepspeed.launcher.runner import encode_world_info
 
     assert argv[4] == f"--world_info={encode_world_info({'localhost': [0, 1]})}"
-    spec = LaunchSpec.create(HUGE_PRETRAIN, gpus_per_node=2)
-    assert LocalBackend(launcher="torchrun", master_port=29912).command(spec) == [
+    assert LocalBackend(launcher="torchrun", master_port=29912).processes(spec) == [([
         f"{VENV_BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29912",
-        "--module", "avsiam.cli.main", *HUGE_PRETRAIN]
+        "--module", "avsiam.cli.main", *HUGE_PRETRAIN], {})]
     # One process without a launcher: how the flow runs evaluations, through the same launch().
     one = LaunchSpec.create(HUGE_PRETRAIN)
-    assert LocalBackend(launcher="python").command(one) == [sys.executable, "-m", "avsiam.cli.main", *HUGE_PRETRAIN]
+    assert LocalBackend(launcher="python").processes(one) == [([sys.executable, "-m", "avsiam.cli.main", *HUGE_PRETRAIN], {})]
     with pytest.raises(ValueError, match="runs one process"):
-        LocalBackend(launcher="python").command(spec)
+        LocalBackend(launcher="python").processes(spec)
+
+
+PROBE = textwrap.dedent("""
+    import json, os
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
+    print("probe " + json.dumps({name: os.environ.get(name) for name in names}), flush=True)
+""")
+
+
+def probed(commands) -> dict[str, dict]:
+    from avsiam.launch.supervisor import run_supervised
+
+    lines = []
+    assert run_supervised(commands, log_line=lines.append) == 0, lines
+    seen = [json.loads(line.split("probe ", 1)[1]) for line in lines if "probe {" in line]
+    return {env["RANK"]: env for env in seen}
 
 
 @pytest.mark.slow
-def test_local_backend_runs_its_command_supervised():
-    """The local path end to end with a quick command: 1 rank of `avsiam presets` via torchrun."""
+def test_ranks_started_directly_get_the_environment_torchrun_and_deepspeed_give_them(tmp_path):
+    """The oracles: torch's and DeepSpeed's launchers, each running the same probe on 2 ranks."""
+    from avsiam.launch.local import free_port, rank_environments
+
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    port = free_port()
+    direct = probed([([sys.executable, str(script)], {**os.environ, **env}) for env in rank_environments(2, port, os.environ)])
+    torchrun = probed([([f"{VENV_BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                         "--master_port", str(port), str(script)], None)])
+    world_info = LocalBackend(launcher="deepspeed", master_port=port).processes(LaunchSpec.create(["x"], gpus_per_node=2))[0][0][4]
+    deepspeed = probed([([sys.executable, "-m", "deepspeed.launcher.launch", world_info, "--master_addr=127.0.0.1",
+                          f"--master_port={port}", "--no_local_rank", str(script)], None)])
+    assert set(direct) == set(torchrun) == set(deepspeed) == {"0", "1"}
+    for rank in direct:
+        assert direct[rank] == {**torchrun[rank], "LOCAL_SIZE": "2"}
+        assert direct[rank] == {**deepspeed[rank], "LOCAL_WORLD_SIZE": "2"}
+
+
+def test_the_first_process_to_fail_ends_the_others_with_everything_they_started(tmp_path):
+    """A rank that fails (a diverged run's status 3) stops its peers, blocked in a collective
+    here played by a sleep, and their children (DataLoader workers), and its status is returned."""
+    from avsiam.launch.supervisor import run_supervised
+
+    pids = tmp_path / "pids"
+    peer = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        with open({str(pids)!r}, "a") as f:
+            f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+        time.sleep(300)
+    """)
+    failing = "import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.05)\nprint('rank 1 failed', flush=True)\nsys.exit(3)" % str(pids)
     lines = []
-    code = launch("local", ["presets", "--model", "tiny", "--json"], launcher="torchrun", log_line=lines.append)
-    assert code == 0 and any('"model": "tiny"' in line for line in lines)
+    assert run_supervised([([sys.executable, "-c", peer], None), ([sys.executable, "-c", failing], None)],
+                          log_line=lines.append, grace_seconds=5) == 3
+    assert "rank 1 failed" in lines
+    for pid in map(int, pids.read_text().split()):
+        with pytest.raises(ProcessLookupError):  # gone (the direct child is reaped; the worker's orphan reaped by init)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+    ok = []
+    assert run_supervised([([sys.executable, "-c", f"print({rank})"], None) for rank in range(2)], log_line=ok.append) == 0
+    assert sorted(ok) == ["0", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["direct", "torchrun"])
+def test_local_backend_runs_its_command_supervised(launcher):
+    """The local path end to end with a quick command: 2 ranks of `avsiam presets`."""
+    one, lines = [], []
+    assert launch("local", ["presets", "--model", "tiny", "--json"], launcher="python", log_line=one.append) == 0
+    code = launch("local", ["presets", "--model", "tiny", "--json"], gpus_per_node=2, launcher=launcher, log_line=lines.append)
+    tiny = '"model": "tiny"'
+    assert code == 0 and sum(tiny in line for line in lines) == 2 * sum(tiny in line for line in one) > 0
 
 
 def test_job_names_are_stable_rfc1035_labels():

@@ -40,7 +40,7 @@ def _backend_options(p: argparse.ArgumentParser) -> None:
     given to a backend that does not take it is an error. None means "the backend's default"."""
     g = p.add_argument_group("local and hostfile backends")
     g.add_argument("--launcher",
-                   help="local: deepspeed (default), torchrun, or python (one process, no launcher); hostfile: pdsh (default), openmpi, mvapich, mpich, impi, slurm")
+                   help="local: direct (default: this command starts the ranks), deepspeed, torchrun, or python (one process, no launcher); hostfile: pdsh (default), openmpi, mvapich, mpich, impi, slurm")
     g.add_argument("--master-port", type=int,
                    help="rendezvous port (slurm: on the first node; default 29500, local: a free port)")
     g.add_argument("--hostfile", type=Path,

@@ -2,8 +2,8 @@
 
 Without ``--nproc`` the command trains in this process: alone, or as one rank of a launcher
 that started it (torchrun, ``deepspeed``, srun: RANK/WORLD_SIZE/LOCAL_RANK in the
-environment). With ``--nproc N`` it checks its inputs, then runs the same command on N local
-ranks through the deepspeed launcher, supervised as one process group.
+environment). With ``--nproc N`` it checks its inputs, then starts the same command as N local
+ranks itself (the local backend of ``avsiam launch``), supervised as one unit.
 
 A run that diverges exits with status 3 after one message (from rank 0) naming the step.
 """
@@ -33,13 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--recipe", default="pretrain_as2m", choices=[r for r in RECIPES if r.startswith("pretrain")])
     p.add_argument("--init", help="timm ViT weights (local safetensors/.pth) to initialise the encoder from")
-    p.add_argument("--nproc", type=int, help="run on N local ranks through the deepspeed launcher")
+    p.add_argument("--nproc", type=int, help="run on N local ranks, started and supervised by this command")
     p.set_defaults(handler=run_train)
     p = stages.add_parser("finetune", help="finetune a pretrained model on labelled clips", description=__doc__)
     _common(p)
     p.add_argument("--recipe", required=True, choices=[r for r in RECIPES if r.startswith("finetune")])
     p.add_argument("--init", help="pretrained weights (this project's weights.safetensors, or a published AVSiam checkpoint)")
-    p.add_argument("--nproc", type=int, help="run on N local ranks through the deepspeed launcher")
+    p.add_argument("--nproc", type=int, help="run on N local ranks, started and supervised by this command")
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("evaluate", help="score weights on the test split (results.json, per_class.csv)",

@@ -19,14 +19,15 @@ from typing import Any, Literal, Protocol
 
 from avsiam.launch.hostfile import HostfileBackend
 from avsiam.launch.kubernetes import KubernetesBackend
-from avsiam.launch.local import ENTRY_MODULE, deepspeed_command, free_port
+from avsiam.launch.local import ENTRY_MODULE, deepspeed_command, free_port, rank_argv, rank_environments
 from avsiam.launch.slurm import SlurmBackend
 from avsiam.launch.spec import LaunchSpec
 from avsiam.launch.supervisor import run_supervised
 
-# How the local backend starts the ranks: DeepSpeed's or torch's launcher, or (one rank: an
-# evaluation, the flow's single-process steps) this interpreter without a launcher.
-LOCAL_LAUNCHERS = ("deepspeed", "torchrun", "python")
+# How the local backend starts the ranks: itself (``direct``), through DeepSpeed's or torch's
+# launcher, or (one rank: an evaluation, the flow's single-process steps) as this interpreter
+# without a launcher's environment.
+LOCAL_LAUNCHERS = ("direct", "deepspeed", "torchrun", "python")
 
 
 class Backend(Protocol):
@@ -45,30 +46,35 @@ def torchrun_launcher() -> str:
 
 @dataclass(frozen=True)
 class LocalBackend:
-    launcher: str = "deepspeed"
+    launcher: str = "direct"
     master_port: int | None = None  # default: a free port
 
     def __post_init__(self) -> None:
         if self.launcher not in LOCAL_LAUNCHERS:
             raise ValueError(f"--launcher {self.launcher!r}: the local backend takes one of {', '.join(LOCAL_LAUNCHERS)}")
 
-    def command(self, spec: LaunchSpec) -> list[str]:
+    def processes(self, spec: LaunchSpec) -> list[tuple[list[str], dict[str, str]]]:
+        """What runs: each process's argv and the variables it gets beyond this environment and the spec's."""
         if spec.nodes != 1:
             raise ValueError("the local backend runs on this node only: --nodes 1 (or the hostfile, slurm or kubernetes backend)")
+        if self.launcher == "direct":
+            envs = rank_environments(spec.gpus_per_node, self.master_port or free_port(), spec.process_env())
+            return [(rank_argv(spec.entry_args), env) for env in envs]
         if self.launcher == "deepspeed":
-            return deepspeed_command(spec.gpus_per_node, spec.entry_args, self.master_port)
+            return [(deepspeed_command(spec.gpus_per_node, spec.entry_args, self.master_port), {})]
         if self.launcher == "python":
             if spec.gpus_per_node != 1:
-                raise ValueError("--launcher python runs one process: --gpus-per-node 1 (or the deepspeed launcher)")
-            return [sys.executable, "-m", ENTRY_MODULE, *spec.entry_args]
-        return [torchrun_launcher(), "--nnodes", "1", "--nproc_per_node", str(spec.gpus_per_node), "--master_addr", "127.0.0.1",
-                "--master_port", str(self.master_port or free_port()), "--module", ENTRY_MODULE, *spec.entry_args]
+                raise ValueError("--launcher python runs one process: --gpus-per-node 1 (or --launcher direct)")
+            return [([sys.executable, "-m", ENTRY_MODULE, *spec.entry_args], {})]
+        return [([torchrun_launcher(), "--nnodes", "1", "--nproc_per_node", str(spec.gpus_per_node), "--master_addr", "127.0.0.1",
+                  "--master_port", str(self.master_port or free_port()), "--module", ENTRY_MODULE, *spec.entry_args], {})]
 
     def render(self, spec: LaunchSpec) -> str:
-        return shlex.join(self.command(spec)) + "\n"
+        return "".join(shlex.join([*(f"{k}={v}" for k, v in env.items()), *argv]) + "\n" for argv, env in self.processes(spec))
 
     def run(self, spec: LaunchSpec, *, log_line: Callable[[str], None] = print, wall_clock_limit_s: float | None = None) -> int:
-        return run_supervised(self.command(spec), env=spec.process_env(), log_line=log_line,
+        base = spec.process_env()
+        return run_supervised([(argv, {**base, **env}) for argv, env in self.processes(spec)], log_line=log_line,
                               wall_clock_limit_s=wall_clock_limit_s)
 
 

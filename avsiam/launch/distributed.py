@@ -1,5 +1,6 @@
-"""Process-group setup shared by every launcher: a single process, the deepspeed launcher,
-torchrun, or an external launcher (Slurm, Kubernetes) that sets RANK/WORLD_SIZE/LOCAL_RANK."""
+"""Process-group setup shared by every launcher: a single process, ranks the local backend
+started, the deepspeed launcher, torchrun, or an external launcher (Slurm, Kubernetes) that
+sets RANK/WORLD_SIZE/LOCAL_RANK."""
 
 from __future__ import annotations
 

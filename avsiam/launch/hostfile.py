@@ -81,4 +81,4 @@ class HostfileBackend:
         argv = self.command(spec)
         if self.hostfile is None:
             write_atomically(self.hostfile_for(spec), hostfile_text(spec.nodes, spec.gpus_per_node))
-        return run_supervised(argv, env=spec.process_env(), log_line=log_line, wall_clock_limit_s=wall_clock_limit_s)
+        return run_supervised([(argv, spec.process_env())], log_line=log_line, wall_clock_limit_s=wall_clock_limit_s)
