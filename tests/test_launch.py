@@ -26,9 +26,10 @@ from avsiam.cli import launch_command
 from avsiam.launch.backends import LocalBackend, launch, make_backend
 from avsiam.launch.hostfile import HostfileBackend
 from avsiam.launch.kubernetes import KubernetesBackend
+from avsiam.launch.local import free_port, rank_environments
 from avsiam.launch.slurm import SlurmBackend
 from avsiam.launch.spec import LaunchSpec, job_name_for
-from avsiam.launch.supervisor import WallClockLimitExceeded
+from avsiam.launch.supervisor import WallClockLimitExceeded, run_supervised
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -275,8 +276,6 @@ PROBE = textwrap.dedent("""
 
 
 def probed(commands) -> dict[str, dict]:
-    from avsiam.launch.supervisor import run_supervised
-
     lines = []
     assert run_supervised(commands, log_line=lines.append) == 0, lines
     seen = [json.loads(line.split("probe ", 1)[1]) for line in lines if "probe {" in line]
@@ -286,8 +285,6 @@ def probed(commands) -> dict[str, dict]:
 @pytest.mark.slow
 def test_ranks_started_directly_get_the_environment_torchrun_and_deepspeed_give_them(tmp_path):
     """The oracles: torch's and DeepSpeed's launchers, each running the same probe on 2 ranks."""
-    from avsiam.launch.local import free_port, rank_environments
-
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     port = free_port()
@@ -306,8 +303,6 @@ def test_ranks_started_directly_get_the_environment_torchrun_and_deepspeed_give_
 def test_the_first_process_to_fail_ends_the_others_with_everything_they_started(tmp_path):
     """A rank that fails (a diverged run's status 3) stops its peers, blocked in a collective
     here played by a sleep, and their children (DataLoader workers), and its status is returned."""
-    from avsiam.launch.supervisor import run_supervised
-
     pids = tmp_path / "pids"
     peer = textwrap.dedent(f"""
         import os, subprocess, sys, time

@@ -2,7 +2,7 @@
 
 By default (``--launcher direct``) the calling process starts the ranks itself, with the
 environment a launcher would give them; DeepSpeed's per-node launcher and torchrun remain
-selectable. Measured on the demo's pretraining stage (2 CPU ranks): DeepSpeed's launcher, an
+selectable. Measured here with 2 CPU ranks of a trivial module: DeepSpeed's launcher, an
 interpreter of its own that imports DeepSpeed before it starts a rank and polls them once a
 second, added 7 s to every launch (ranks up after 4 s, launcher gone 3 s after them);
 torchrun starts faster but ends a failed run with status 1 and a

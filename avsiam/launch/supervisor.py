@@ -63,8 +63,7 @@ def run_supervised(
     pumps: list[threading.Thread] = []
     forwarded: dict[int, object] = {}
 
-    def forward(signum, _frame):
-        _stop_all(procs, grace_seconds)
+    def forward(signum, _frame):  # the processes are stopped on the way out (finally)
         raise KeyboardInterrupt(f"signal {signum}: training process group stopped")
 
     try:
@@ -88,7 +87,6 @@ def run_supervised(
             if all(code == 0 for code in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:
-                _stop_all(procs, grace_seconds)
                 raise WallClockLimitExceeded(f"training exceeded its wall-clock limit of {wall_clock_limit_s:.0f} s")
             time.sleep(poll_seconds)
     finally:
