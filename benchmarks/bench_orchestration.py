@@ -5,10 +5,11 @@ demo`` runs) into a fresh folder, then reads back from Prefect's API each stage 
 time and from each training stage's ``summary.json`` the time the training loop itself ran
 (``wall_seconds``: every optimizer step, epoch-end validation and checkpoint). A training
 stage's overhead is the rest of its task: the Prefect task and its cache record, the MLflow
-stage run, launching the ranks (``deepspeed`` launcher, Python and library imports, process
-group, ``deepspeed.initialize``, the dataset index and its start-up check, the model build)
-and, after the loop, consolidating the weights (``zero_to_fp32``) and the summary. The
-flow's own time outside its tasks is reported too.
+stage run, launching the ranks (started directly by the local backend: Python and library
+imports, process group, ``deepspeed.initialize``, the dataset index and its start-up check, the
+model build, rank 0's MLflow run) and, after the loop, consolidating the weights
+(``zero_to_fp32``), the summary and the stage's artifacts. The flow's own time outside its tasks
+is reported too. README.md (Performance) has today's numbers and where the fixed cost goes.
 
     .venv/bin/python benchmarks/bench_orchestration.py [--profile demo] [--out DIR]
 """
