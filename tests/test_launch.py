@@ -268,17 +268,20 @@ def test_local_backend_starts_the_ranks_itself_or_through_deepspeed_or_torchrun(
         LocalBackend(launcher="python").processes(spec)
 
 
+# Each rank writes its own file: ranks share the launcher's stdout, where their lines can interleave.
 PROBE = textwrap.dedent("""
-    import json, os
+    import json, os, sys
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
-    print("probe " + json.dumps({name: os.environ.get(name) for name in names}), flush=True)
+    with open(os.path.join(sys.argv[1], f"rank-{os.environ['RANK']}.json"), "w") as f:
+        json.dump({name: os.environ.get(name) for name in names}, f)
 """)
 
 
-def probed(commands) -> dict[str, dict]:
+def probed(commands, out: Path) -> dict[str, dict]:
+    out.mkdir()
     lines = []
-    assert run_supervised(commands, log_line=lines.append) == 0, lines
-    seen = [json.loads(line.split("probe ", 1)[1]) for line in lines if "probe {" in line]
+    assert run_supervised([(argv + [str(out)], env) for argv, env in commands], log_line=lines.append) == 0, lines
+    seen = [json.loads(path.read_text()) for path in sorted(out.glob("rank-*.json"))]
     return {env["RANK"]: env for env in seen}
 
 
@@ -288,12 +291,13 @@ def test_ranks_started_directly_get_the_environment_torchrun_and_deepspeed_give_
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     port = free_port()
-    direct = probed([([sys.executable, str(script)], {**os.environ, **env}) for env in rank_environments(2, port, os.environ)])
+    direct = probed([([sys.executable, str(script)], {**os.environ, **env}) for env in rank_environments(2, port, os.environ)],
+                    tmp_path / "direct")
     torchrun = probed([([f"{VENV_BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                         "--master_port", str(port), str(script)], None)])
+                         "--master_port", str(port), str(script)], None)], tmp_path / "torchrun")
     world_info = LocalBackend(launcher="deepspeed", master_port=port).processes(LaunchSpec.create(["x"], gpus_per_node=2))[0][0][4]
     deepspeed = probed([([sys.executable, "-m", "deepspeed.launcher.launch", world_info, "--master_addr=127.0.0.1",
-                          f"--master_port={port}", "--no_local_rank", str(script)], None)])
+                          f"--master_port={port}", "--no_local_rank", str(script)], None)], tmp_path / "deepspeed")
     assert set(direct) == set(torchrun) == set(deepspeed) == {"0", "1"}
     for rank in direct:
         assert direct[rank] == {**torchrun[rank], "LOCAL_SIZE": "2"}
