@@ -330,6 +330,30 @@ def test_the_first_process_to_fail_ends_the_others_with_everything_they_started(
     assert sorted(ok) == ["0", "1"]
 
 
+def test_a_finished_process_stops_its_loaders_workers_and_flushes_before_it_exits():
+    """A finished rank skips the interpreter's teardown; a DataLoader whose persistent workers
+    are only reachable through a reference cycle still has them stopped (not left alive, to
+    their 5 s parent watchdog), and what it printed comes out."""
+    child = textwrap.dedent("""
+        import multiprocessing, sys
+        from torch.utils.data import DataLoader
+        from avsiam.launch.distributed import exit_finished_process
+        loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+        next(iter(loader))
+        loader.itself = loader  # a cycle: its workers outlive the name
+        del loader
+        sys.stdout.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+        exit_finished_process()
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["direct", "torchrun"])
 def test_local_backend_runs_its_command_supervised(launcher):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import re
 import sys
@@ -131,9 +132,12 @@ def exit_finished_process() -> NoReturn:
     """End a process whose command finished (files written and closed, tracking run ended,
     process group left) without the interpreter's teardown of torch, DeepSpeed and gloo:
     2.3 s per rank here, paid by every training and evaluation stage before its launcher sees
-    it exit. Logs and standard streams are flushed first; objects still waiting for collection
-    (DataLoader workers among them) are collected."""
-    gc.collect()
+    it exit. Logs and standard streams are flushed first. A DataLoader's workers stop when its
+    last reference goes (the trainer drops its loaders after the loop); one still alive is held
+    in a reference cycle, which a collection breaks, stopping the workers. Only then: a full
+    collection of a rank's heap (torch, DeepSpeed, MLflow) costs 0.3-0.4 s here."""
+    if multiprocessing.active_children():
+        gc.collect()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
