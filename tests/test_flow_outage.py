@@ -73,6 +73,7 @@ def check_replayed_runs(client, runs, summary):
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.metrics["gpu_hours_total"] > 0 and parent.data.params["model"] == "tiny"
     assert [m.step for m in client.get_metric_history(children["pretrain"].info.run_id, "loss")] == [1, 2]
+    assert children["pretrain"].data.metrics["startup_s"] > 0 and children["finetune"].data.metrics["startup_s"] > 0
     assert children["evaluate"].data.metrics["accuracy"] == summary["results"]["finetune_vggsound"]["accuracy"]
     assert children["stage_data"].data.metrics["num_clips"] == 40
 

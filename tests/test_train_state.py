@@ -2,11 +2,15 @@
 checkpoint policy (when to save, what to keep) and the typed run summary and evaluation results."""
 
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from avsiam.eval.report import EvaluationResults
+from avsiam.train.metrics_log import process_age_seconds
 from avsiam.train.state import CheckpointPolicy, RunSummary, TrainState
 
 
@@ -99,3 +103,15 @@ def test_run_summary_and_evaluation_results_round_trip(tmp_path):
     assert read.scores() == {"accuracy": 0.95, "audio_only_accuracy": 0.9}
     with pytest.raises(ValueError, match="metric 'mAP'"):
         _ = EvaluationResults(metric="mAP", split="test", num_clips=1, accuracy=math.nan).headline
+
+
+def test_a_process_age_counts_from_its_start_as_its_parent_sees_it():
+    """The start-up a run reports (``startup_seconds``): a child that sleeps 1 s before asking is
+    at least 1 s old and no older than its parent saw it run, to a clock tick."""
+    child = ("import time; time.sleep(1.0); from avsiam.train.metrics_log import process_age_seconds; "
+             "print(process_age_seconds())")
+    began = time.monotonic()
+    age = float(subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout)
+    seen = time.monotonic() - began
+    assert 1.0 <= age <= seen + 0.01
+    assert process_age_seconds() > age  # this process (pytest) started before the child

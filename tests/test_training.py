@@ -54,7 +54,7 @@ def test_pretraining_writes_the_run_folder(reference_run):
     assert all(t.dtype == torch.float32 for t in weights.values())
     assert any(k.startswith("encoder.") for k in weights) and any(k.startswith("decoder.") for k in weights)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["gpu_hours"] > 0
+    assert summary["world_size"] == 2 and summary["gpu_hours"] > 0 and summary["startup_seconds"] > 0
 
 
 def test_killed_run_resumes_to_the_same_numbers(staged_single, reference_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -37,6 +38,15 @@ def peak_memory_mb(on_cpu: bool) -> float:
     if not on_cpu and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started: at the first step, the start-up a launch costs
+    before training (imports, process group, engine, data index, model). Linux's start time
+    (``/proc/self/stat``, clock ticks since boot) against ``CLOCK_BOOTTIME``, exact to a tick;
+    psutil's ``create_time`` adds the boot time, which Linux gives in whole seconds."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
 
 
 class StepTimer:

@@ -92,7 +92,10 @@ class RunSummary(BaseModel):
     selected_epoch: int | None  # finetuning: the best validated epoch; else the last epoch
     selection_metric: str | None  # e.g. val_accuracy, when an epoch was selected by it
     gpu_hours: float  # wall time of all sessions x world size
-    wall_seconds: float
+    wall_seconds: float  # the training loop's, all sessions (steps, validation, checkpoints)
+    # The last session's start-up on rank 0, from its process's start to the training loop:
+    # imports, process group, deepspeed.initialize, data index, model, opening the MLflow run.
+    startup_seconds: float | None = None
     world_size: int
     dataset_digest: str
     tracking_run_id: str | None

@@ -45,7 +45,7 @@ from avsiam.tracking import flatten_params, make_tracker, redact_credentials
 from avsiam.train import checkpointing
 from avsiam.train.divergence import DivergenceGuard, from_deepspeed
 from avsiam.train.ds_config import deepspeed_config
-from avsiam.train.metrics_log import JsonlLog, StepTimer, peak_memory_mb
+from avsiam.train.metrics_log import JsonlLog, StepTimer, peak_memory_mb, process_age_seconds
 from avsiam.train.state import CheckpointPolicy, RunSummary, TrainState
 from avsiam.train.tasks import DTYPES, make_task, step_context
 
@@ -144,6 +144,7 @@ class Trainer:
                   "avsiam.version": __version__, "avsiam.dataset_digest": index.dataset_digest},
         )
         self.session_started = time.perf_counter()
+        self.startup_seconds = process_age_seconds()
 
     def fit(self) -> RunSummary:
         """Train epoch by epoch until ``epochs`` or ``max_steps``; validate and save at each
@@ -178,6 +179,8 @@ class Trainer:
         recipe, env = self.recipe, self.env
         self.tracker.log_params({**flatten_params(recipe.model_dump(mode="json")), "world_size": env.world_size,
                                  "steps_per_epoch": self.steps_per_epoch, "dataset_digest": self.index.dataset_digest})
+        # Each session's: at 64 ranks, imports from a shared filesystem can take minutes.
+        self.tracker.log_metrics({"startup_s": self.startup_seconds}, step=self.state.global_step)
         report = self.task.load_report
         if report is not None and env.is_main:
             path = self.output / "init_load_report.txt"
@@ -260,7 +263,8 @@ class Trainer:
             weights=str(weights.resolve()), checkpoint=f"{self.checkpoint_dir.resolve()}/{tag}",
             selected_epoch=best["epoch"] if best else (state.history[-1]["epoch"] if state.history else None),
             selection_metric=f"val_{self.task.selection_metric}" if best else None,
-            gpu_hours=elapsed * env.world_size / 3600.0, wall_seconds=elapsed, world_size=env.world_size,
+            gpu_hours=elapsed * env.world_size / 3600.0, wall_seconds=elapsed, startup_seconds=self.startup_seconds,
+            world_size=env.world_size,
             dataset_digest=self.index.dataset_digest, tracking_run_id=self.tracker.run_id, history=state.history,
             final_validation=(best or state.history[-1]) if state.history else None,
         )
