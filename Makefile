@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# DeepSpeed compiles its shared-memory collectives for CPU ranks at their first process group
-	# (~25 s, kept in ~/.cache/torch_extensions): done here, not inside the first demo's or test's
+	# (~28 s, kept in ~/.cache/torch_extensions): done here, not inside the first demo's or test's
 	# training stage; DeepSpeed builds nothing on a GPU machine.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)

@@ -41,8 +41,8 @@ def peak_memory_mb(on_cpu: bool) -> float:
 
 
 def process_age_seconds() -> float:
-    """Seconds since this process started: at the first step, the start-up a launch costs
-    before training (imports, process group, engine, data index, model). Linux's start time
+    """Seconds since this process started: asked as the training loop begins, the start-up a
+    launch costs before training (imports, process group, engine, data index, model). Linux's start time
     (``/proc/self/stat``, clock ticks since boot) against ``CLOCK_BOOTTIME``, exact to a tick;
     psutil's ``create_time`` adds the boot time, which Linux gives in whole seconds."""
     ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
